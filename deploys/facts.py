@@ -1,0 +1,236 @@
+"""Custom pyinfra facts for Docker storage: what the kernel can mount, what the data root sits on,
+what the engine runs now, what daemon.json holds and what a backing device already contains.
+Each fact is small, shows sample output in its docstring and is tested from recorded output."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Optional, TypedDict
+
+from pyinfra.api import FactBase
+
+
+class KernelFilesystems(FactBase[list]):
+    """
+    Filesystems the running kernel supports, from ``/proc/filesystems``.
+
+    .. code:: python
+
+        # nodev\toverlay
+        # \text4
+        ["overlay", "ext4", "btrfs", "xfs"]
+    """
+
+    def command(self) -> str:
+        return "cat /proc/filesystems"
+
+    @staticmethod
+    def default() -> list:
+        return []
+
+    def process(self, output) -> list:
+        return [line.split()[-1] for line in output if line.strip()]
+
+
+class PathFilesystemDict(TypedDict):
+    path: str
+    fstype: str
+    source: str
+    target: str
+    xfs_ftype: Optional[bool]
+
+
+class PathFilesystem(FactBase[Optional[PathFilesystemDict]]):
+    """
+    The filesystem holding ``path`` (or its nearest existing parent), and for xfs whether it was
+    made with ``ftype=1`` (d_type support, which overlay2 needs).
+
+    .. code:: python
+
+        # /var/lib/docker
+        # ext4 /dev/vda /
+        # ftype=
+        {"path": "/var/lib/docker", "fstype": "ext4", "source": "/dev/vda", "target": "/",
+         "xfs_ftype": None}
+    """
+
+    def command(self, path: str) -> str:
+        p = shlex.quote(path)
+        return (
+            f"p={p}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; echo {p}; "
+            'findmnt -n -o FSTYPE,SOURCE,TARGET --target "$p" | head -n 1; '
+            'if [ "$(findmnt -n -o FSTYPE --target "$p" | head -n 1)" = xfs ]; then '
+            'echo "ftype=$(xfs_info "$(findmnt -n -o TARGET --target "$p" | head -n 1)" '
+            "2>/dev/null | grep -o 'ftype=[01]' | cut -d= -f2)\"; else echo ftype=; fi"
+        )
+
+    def requires_command(self, path: str) -> str:
+        return "findmnt"
+
+    def process(self, output) -> Optional[PathFilesystemDict]:
+        lines = [line.strip() for line in output if line.strip()]
+        if len(lines) < 3:
+            return None
+        fstype, source, target = (lines[1].split() + ["", "", ""])[:3]
+        ftype = lines[2].split("=", 1)[1]
+        return {
+            "path": lines[0],
+            "fstype": fstype,
+            "source": source,
+            "target": target,
+            "xfs_ftype": None if ftype == "" else ftype == "1",
+        }
+
+
+class DockerEngineDict(TypedDict):
+    version: str
+    major: int
+    running: bool
+    driver: Optional[str]
+    root_dir: Optional[str]
+    images: Optional[int]
+    containers: Optional[int]
+
+
+class DockerEngine(FactBase[Optional[DockerEngineDict]]):
+    """
+    The installed engine's version (from ``dockerd --version``, no daemon needed) and, when it
+    runs, its storage driver, data root and how many images and containers it holds.
+
+    .. code:: python
+
+        # Docker version 20.10.24+dfsg1, build 297e128
+        # overlay2|/var/lib/docker|3|1
+        {"version": "20.10.24", "major": 20, "running": True, "driver": "overlay2",
+         "root_dir": "/var/lib/docker", "images": 3, "containers": 1}
+    """
+
+    def requires_command(self) -> str:
+        return "dockerd"
+
+    def command(self) -> str:
+        return (
+            "dockerd --version; "
+            "docker info --format '{{.Driver}}|{{.DockerRootDir}}|{{.Images}}|{{.Containers}}' "
+            "2>/dev/null || true"
+        )
+
+    def process(self, output) -> Optional[DockerEngineDict]:
+        lines = [line.strip() for line in output if line.strip()]
+        if not lines or not lines[0].startswith("Docker version "):
+            return None
+        version = lines[0].split()[2].rstrip(",")
+        number = version.split("+")[0].split("-")[0]
+        try:
+            major = int(number.split(".")[0])
+        except ValueError:
+            major = 0
+        info = lines[1].split("|") if len(lines) > 1 and lines[1].count("|") == 3 else None
+        if info is None:
+            return {
+                "version": number,
+                "major": major,
+                "running": False,
+                "driver": None,
+                "root_dir": None,
+                "images": None,
+                "containers": None,
+            }
+        return {
+            "version": number,
+            "major": major,
+            "running": True,
+            "driver": info[0],
+            "root_dir": info[1],
+            "images": int(info[2]),
+            "containers": int(info[3]),
+        }
+
+
+class JsonFileDict(TypedDict):
+    exists: bool
+    content: Optional[dict]
+    error: Optional[str]
+
+
+class JsonFile(FactBase[JsonFileDict]):
+    """
+    A JSON file parsed (``/etc/docker/daemon.json``): missing, parsed, or the parse error.
+
+    .. code:: python
+
+        # {"storage-driver": "overlay2", "log-driver": "journald"}
+        {"exists": True, "content": {"storage-driver": "overlay2", "log-driver": "journald"},
+         "error": None}
+    """
+
+    def command(self, path: str) -> str:
+        p = shlex.quote(path)
+        return f"if [ -f {p} ]; then echo __exists__; cat {p}; fi"
+
+    @staticmethod
+    def default() -> JsonFileDict:
+        return {"exists": False, "content": None, "error": None}
+
+    def process(self, output) -> JsonFileDict:
+        lines = list(output)
+        if not lines or lines[0].strip() != "__exists__":
+            return self.default()
+        text = "\n".join(lines[1:])
+        if not text.strip():
+            return {"exists": True, "content": {}, "error": None}
+        try:
+            content = json.loads(text)
+        except ValueError as exc:
+            return {"exists": True, "content": None, "error": str(exc)}
+        if not isinstance(content, dict):
+            return {"exists": True, "content": None, "error": "top level is not a JSON object"}
+        return {"exists": True, "content": content, "error": None}
+
+
+class BlockDeviceDict(TypedDict):
+    exists: bool
+    fstype: str
+    mountpoints: list
+
+
+class BlockDevice(FactBase[BlockDeviceDict]):
+    """
+    What a block device or loop file holds: its filesystem type (``blkid -p``, empty when none)
+    and where it is mounted now (a loop file counts as mounted through its loop device).
+
+    .. code:: python
+
+        # __exists__
+        # TYPE=btrfs
+        # /var/lib/docker
+        {"exists": True, "fstype": "btrfs", "mountpoints": ["/var/lib/docker"]}
+    """
+
+    def command(self, device: str) -> str:
+        d = shlex.quote(device)
+        return (
+            "command -v blkid >/dev/null || { echo 'blkid (util-linux) is missing' >&2; exit 1; }; "
+            f"if [ -e {d} ]; then echo __exists__; "
+            f"echo TYPE=$(blkid -p -o value -s TYPE {d} 2>/dev/null); "
+            f"for src in {d} $(losetup -n -O NAME -j {d} 2>/dev/null); do "
+            'findmnt -n -o TARGET --source "$src" 2>/dev/null; done; fi'
+        )
+
+    @staticmethod
+    def default() -> BlockDeviceDict:
+        return {"exists": False, "fstype": "", "mountpoints": []}
+
+    def process(self, output) -> BlockDeviceDict:
+        lines = [line.strip() for line in output if line.strip()]
+        if not lines or lines[0] != "__exists__":
+            return self.default()
+        fstype = ""
+        mounts: list[str] = []
+        for line in lines[1:]:
+            if line.startswith("TYPE="):
+                fstype = line[5:]
+            elif line not in mounts:
+                mounts.append(line)
+        return {"exists": True, "fstype": fstype, "mountpoints": mounts}

@@ -1,0 +1,96 @@
+"""The `dockyard` command line: `dockyard lab up|down|status` for the local lab fleet (more
+subcommands — registry, image, container — join as the core grows)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from dockyard import __version__, defaults
+from dockyard.lab import down, status, up
+from dockyard.lab.docker import DockerError
+
+
+def _releases(value: str) -> list[str]:
+    releases = [r.strip() for r in value.split(",") if r.strip()]
+    bad = [r for r in releases if r not in defaults.LAB_RELEASES]
+    if bad or not releases:
+        raise argparse.ArgumentTypeError(
+            f"unknown release(s) {', '.join(bad) or '(none)'}; "
+            f"valid: {', '.join(defaults.LAB_RELEASES)}"
+        )
+    return releases
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dockyard", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dockyard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    lab = sub.add_parser("lab", help="the local lab fleet of systemd host containers")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    lab_up = lab_sub.add_parser("up", help="build cached images and start the lab hosts")
+    lab_up.add_argument(
+        "--hosts",
+        type=_positive,
+        default=len(defaults.LAB_RELEASES),
+        help="number of hosts (default: %(default)s, one per release)",
+    )
+    lab_up.add_argument(
+        "--releases",
+        type=_releases,
+        default=list(defaults.LAB_RELEASES),
+        help="comma-separated Debian suites to cycle through (default: %(default)s)",
+    )
+    lab_sub.add_parser("down", help="remove the lab hosts, their volumes and network")
+    lab_status = lab_sub.add_parser("status", help="list the lab hosts")
+    lab_status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _lab(args: argparse.Namespace) -> int:
+    if args.lab_command == "up":
+        hosts = up(hosts=args.hosts, releases=args.releases)
+        print(f"--> Lab up: {len(hosts)} host(s); inventory: inventory/lab.py")
+        return 0
+    if args.lab_command == "down":
+        down()
+        print("--> Lab down (images kept in the cache)")
+        return 0
+    hosts = status()
+    if args.json:
+        print(json.dumps([h.to_json() for h in hosts], indent=2))
+        return 0
+    if not hosts:
+        print("no lab hosts (run `dockyard lab up`)")
+        return 0
+    for h in hosts:
+        print(f"{h.name:28} {h.state:9} {h.address:15} {h.release:9} {','.join(h.groups)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "lab":
+            return _lab(args)
+    except (DockerError, ValueError) as exc:
+        print(f"dockyard: error: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Bring the lab fleet up and down and report it: systemd host containers (one per Debian release
+by default) on a Docker network the lab owns, each with sshd, a unique host key, and the lab's own
+ssh key authorised for root. The running containers are the source of truth for `status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dockyard import defaults
+from dockyard.lab.docker import DockerError, docker, docker_ok
+from dockyard.lab.images import ensure_image
+
+Log = Callable[[str], None]
+
+# Groups of the first host; every host is in docker_hosts. In the lab the registry runs on the
+# storage host, because the kernel has no NFS client to mount the export elsewhere.
+FIRST_HOST_GROUPS: tuple[str, ...] = ("docker_hosts", "storage", "registry")
+OTHER_HOST_GROUPS: tuple[str, ...] = ("docker_hosts",)
+
+# How a systemd host runs unprivileged on this kind of machine (see shared/LAB.md): every
+# capability but SYS_RESOURCE, host cgroup namespace, loop devices for loop-file backing stores.
+_RUN_FLAGS: tuple[str, ...] = (
+    "--cap-add",
+    "ALL",
+    "--cap-drop",
+    "SYS_RESOURCE",
+    "--security-opt",
+    "seccomp=unconfined",
+    "--security-opt",
+    "apparmor=unconfined",
+    "--cgroupns=host",
+    "-v",
+    "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+    "--tmpfs",
+    "/run",
+    "--tmpfs",
+    "/tmp",
+    "--device",
+    "/dev/loop-control",
+    "--device-cgroup-rule",
+    "b 7:* rmw",
+    "--stop-signal",
+    "SIGRTMIN+3",
+)
+
+
+@dataclass(frozen=True)
+class LabHost:
+    """One lab host as `status --json` reports it and `inventory/lab.py` consumes it."""
+
+    name: str
+    address: str
+    release: str
+    groups: list[str]
+    ssh_user: str
+    ssh_key: str
+    ssh_known_hosts: str
+    state: str
+    image: str
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _network() -> str:
+    return defaults.LAB_NAME
+
+
+def _key_paths() -> tuple[Path, Path]:
+    state = defaults.lab_state_dir()
+    return state / "id_ed25519", state / "known_hosts"
+
+
+def ensure_ssh_key(log: Log = print) -> Path:
+    """The lab's own ssh key pair (0600 private key), made once per state directory."""
+    key, _ = _key_paths()
+    key.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(key.parent, 0o700)
+    if not key.exists():
+        log(f"    ssh key: generating {key}")
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dockyard-lab", "-f", str(key)],
+            check=True,
+        )
+    os.chmod(key, 0o600)
+    return key
+
+
+def plan(hosts: int, releases: Sequence[str]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """Names, releases and groups for a lab of `hosts` hosts cycling through `releases`."""
+    if hosts < 1:
+        raise ValueError(f"--hosts must be at least 1, got {hosts}")
+    bad = [r for r in releases if r not in defaults.LAB_RELEASES]
+    if bad or not releases:
+        raise ValueError(
+            f"unknown lab release(s) {', '.join(bad) or '(none)'}; "
+            f"valid: {', '.join(defaults.LAB_RELEASES)}"
+        )
+    counts: dict[str, int] = {}
+    out = []
+    for index in range(hosts):
+        release = releases[index % len(releases)]
+        counts[release] = counts.get(release, 0) + 1
+        suffix = "" if hosts <= len(releases) else f"-{counts[release]}"
+        groups = FIRST_HOST_GROUPS if index == 0 else OTHER_HOST_GROUPS
+        out.append((f"{defaults.LAB_NAME}-{release}{suffix}", release, groups))
+    return out
+
+
+def _wait_for_boot(name: str, deadline: float) -> None:
+    state = ""
+    while time.monotonic() < deadline:
+        proc = subprocess.run(
+            ["docker", "exec", name, "systemctl", "is-system-running"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        state = proc.stdout.strip()
+        if state in ("running", "degraded"):
+            return
+        time.sleep(0.5)
+    raise DockerError(f"lab host {name} did not finish booting (systemd state {state!r})")
+
+
+def _wait_for_ssh(address: str, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((address, 22), timeout=2) as sock:
+                if sock.recv(64).startswith(b"SSH-"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise DockerError(f"sshd on lab host {address} did not answer")
+
+
+def _address(name: str) -> str:
+    out = docker(
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+        name,
+    )
+    return out.split()[0] if out.split() else ""
+
+
+def _start_host(name: str, release: str, groups: Sequence[str], image: str) -> None:
+    volume = f"{name}-docker"
+    if not docker_ok("volume", "inspect", volume):
+        docker("volume", "create", "--label", f"{defaults.LAB_LABEL}={defaults.LAB_NAME}", volume)
+    docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--hostname",
+        name,
+        "--network",
+        _network(),
+        "--label",
+        f"{defaults.LAB_LABEL}={defaults.LAB_NAME}",
+        "--label",
+        f"{defaults.LAB_LABEL}.release={release}",
+        "--label",
+        f"{defaults.LAB_LABEL}.groups={','.join(groups)}",
+        *_RUN_FLAGS,
+        "-v",
+        f"{volume}:/var/lib/docker",
+        image,
+    )
+
+
+def _authorise(name: str, pubkey: str) -> str:
+    docker(
+        "exec",
+        "-i",
+        name,
+        "sh",
+        "-c",
+        "umask 077; mkdir -p /root/.ssh; cat > /root/.ssh/authorized_keys",
+        input_text=pubkey,
+    )
+    return docker("exec", name, "cat", "/etc/ssh/ssh_host_ed25519_key.pub").strip()
+
+
+def up(
+    hosts: int = len(defaults.LAB_RELEASES),
+    releases: Sequence[str] = defaults.LAB_RELEASES,
+    log: Log = print,
+) -> list[LabHost]:
+    """Create (or complete) the lab; hosts already running are kept as they are."""
+    wanted = plan(hosts, releases)
+    key = ensure_ssh_key(log)
+    pubkey = key.with_suffix(".pub").read_text()
+    if not docker_ok("network", "inspect", _network()):
+        log(f"--> Creating lab network {_network()}")
+        docker("network", "create", "--label", f"{defaults.LAB_LABEL}={defaults.LAB_NAME}",
+               _network())
+    images = {}
+    for release in dict.fromkeys(r for _, r, _ in wanted):
+        log(f"--> Lab image for {release}")
+        images[release] = ensure_image(release, log=log)
+    deadline = time.monotonic() + defaults.LAB_BOOT_TIMEOUT
+    for name, release, groups in wanted:
+        running = docker_ok("container", "inspect", name)
+        if running and docker("inspect", "-f", "{{.State.Running}}", name).strip() != "true":
+            docker("start", name)
+        if not running:
+            log(f"--> Starting lab host {name} ({release})")
+            _start_host(name, release, groups, images[release])
+    known = []
+    for name, _, _ in wanted:
+        _wait_for_boot(name, deadline)
+        hostkey = _authorise(name, pubkey)
+        address = _address(name)
+        _wait_for_ssh(address, deadline)
+        known.append(f"{address} {hostkey}\n")
+        log(f"    [{name}] up at {address}")
+    _, known_hosts = _key_paths()
+    known_hosts.write_text("".join(known))
+    return status()
+
+
+def status() -> list[LabHost]:
+    """Every lab host the engine knows, with address, release, groups and ssh settings."""
+    if not docker_ok("info"):
+        raise DockerError("the Docker engine is not running (run `make engine`)")
+    out = docker(
+        "ps",
+        "-a",
+        "--filter",
+        f"label={defaults.LAB_LABEL}={defaults.LAB_NAME}",
+        "--format",
+        "{{.Names}}",
+    )
+    names = sorted(out.split())
+    if not names:
+        return []
+    key, known_hosts = _key_paths()
+    result = []
+    for item in json.loads(docker("inspect", *names)):
+        labels = item["Config"]["Labels"] or {}
+        networks = item["NetworkSettings"]["Networks"] or {}
+        address = (networks.get(_network()) or {}).get("IPAddress", "")
+        result.append(
+            LabHost(
+                name=item["Name"].lstrip("/"),
+                address=address,
+                release=labels.get(f"{defaults.LAB_LABEL}.release", ""),
+                groups=[g for g in labels.get(f"{defaults.LAB_LABEL}.groups", "").split(",") if g],
+                ssh_user="root",
+                ssh_key=str(key),
+                ssh_known_hosts=str(known_hosts),
+                state=item["State"]["Status"],
+                image=item["Config"]["Image"],
+            )
+        )
+    return result
+
+
+def down(log: Log = print) -> None:
+    """Remove the lab's containers, their volumes and the network; images stay cached."""
+    for host in status():
+        log(f"--> Removing lab host {host.name}")
+        docker("rm", "-f", "-v", host.name)
+    out = docker(
+        "volume", "ls", "-q", "--filter", f"label={defaults.LAB_LABEL}={defaults.LAB_NAME}"
+    )
+    for volume in out.split():
+        docker("volume", "rm", "-f", volume)
+    if docker_ok("network", "inspect", _network()):
+        docker("network", "rm", _network())

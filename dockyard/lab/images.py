@@ -1,0 +1,162 @@
+"""Lab base images: Debian root filesystems made with debootstrap, customised to boot systemd with
+sshd in a container, imported into the local Docker engine and cached by a hash of their recipe."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from dockyard import defaults
+from dockyard.lab.docker import DockerError, docker, docker_ok
+
+# Runs once at every boot, before sshd: host keys unique to each lab host (the image carries none),
+# and loop device nodes so a host can mount a loop-file backing store (docker_storage_device).
+_INIT_SCRIPT = """#!/bin/sh
+set -e
+ssh-keygen -A
+for i in $(seq 0 63); do
+  [ -e /dev/loop$i ] || mknod -m 0660 /dev/loop$i b 7 $i
+done
+"""
+
+_INIT_UNIT = """[Unit]
+Description=dockyard lab host first steps (ssh host keys, loop devices)
+Before=ssh.service
+DefaultDependencies=no
+After=local-fs.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/dockyard-lab-init
+RemainAfterExit=yes
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+# Units that make no sense in a container and would only slow the boot or fail it.
+_MASKED_UNITS = (
+    "getty@tty1.service",
+    "console-getty.service",
+    "serial-getty@.service",
+    "systemd-udevd.service",
+    "systemd-udev-trigger.service",
+    "systemd-remount-fs.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+)
+
+
+def debian_mirror(sources: Path = Path("/etc/apt")) -> str:
+    """The Debian mirror this machine's apt sources use (deb822 or one-line format)."""
+    candidates = sorted(sources.glob("sources.list.d/*.sources")) + [sources / "sources.list"]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        for match in re.finditer(r"(?m)^URIs:\s*(\S+)", text):
+            if match.group(1).rstrip("/").endswith("/debian"):
+                return match.group(1).rstrip("/")
+        for match in re.finditer(r"(?m)^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+\S+", text):
+            if match.group(1).rstrip("/").endswith("/debian"):
+                return match.group(1).rstrip("/")
+    return defaults.DEBIAN_MIRROR
+
+
+def recipe(suite: str, mirror: str) -> dict[str, object]:
+    """Everything that determines an image's content; its hash names the cached image."""
+    return {
+        "suite": suite,
+        "variant": "minbase",
+        "include": list(defaults.LAB_INCLUDE),
+        "mirror": mirror,
+        "init": _INIT_SCRIPT,
+        "unit": _INIT_UNIT,
+        "masked": list(_MASKED_UNITS),
+        "version": defaults.LAB_RECIPE_VERSION,
+    }
+
+
+def image_ref(suite: str, mirror: str) -> str:
+    digest = hashlib.sha256(json.dumps(recipe(suite, mirror), sort_keys=True).encode()).hexdigest()
+    return f"{defaults.LAB_IMAGE_REPO}:{suite}-{digest[:12]}"
+
+
+def _customise(root: Path) -> None:
+    for key in root.glob("etc/ssh/ssh_host_*"):
+        key.unlink()
+    init = root / "usr/local/sbin/dockyard-lab-init"
+    init.write_text(_INIT_SCRIPT)
+    init.chmod(0o755)
+    unit_dir = root / "etc/systemd/system"
+    (unit_dir / "dockyard-lab-init.service").write_text(_INIT_UNIT)
+    wants = unit_dir / "multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / "dockyard-lab-init.service"
+    if not link.is_symlink():
+        link.symlink_to("/etc/systemd/system/dockyard-lab-init.service")
+    for unit in _MASKED_UNITS:
+        target = unit_dir / unit
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        target.symlink_to("/dev/null")
+    # Root logs in with the lab key only (PermitRootLogin prohibit-password is Debian's default).
+    (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
+    # An empty machine-id makes systemd generate a distinct one on each host's first boot.
+    (root / "etc/machine-id").write_text("")
+
+
+def ensure_image(suite: str, *, log=print) -> str:  # type: ignore[no-untyped-def]
+    """Return the image for `suite`, building it with debootstrap when it is not cached."""
+    if suite not in defaults.LAB_RELEASES:
+        raise ValueError(
+            f"unknown lab release {suite!r}; valid: {', '.join(defaults.LAB_RELEASES)}"
+        )
+    mirror = debian_mirror()
+    ref = image_ref(suite, mirror)
+    if docker_ok("image", "inspect", ref):
+        log(f"    image {ref}: cached")
+        return ref
+    if shutil.which("debootstrap") is None:
+        raise DockerError("debootstrap is not installed (apt-get install -y debootstrap)")
+    log(f"    image {ref}: building with debootstrap from {mirror} (about a minute)")
+    with tempfile.TemporaryDirectory(prefix=f"dockyard-lab-{suite}-", dir="/var/tmp") as tmp:
+        root = Path(tmp) / "root"
+        cmd = [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={','.join(defaults.LAB_INCLUDE)}",
+            suite,
+            str(root),
+            mirror,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+            raise DockerError(f"debootstrap {suite} failed (exit {proc.returncode}):\n{tail}")
+        _customise(root)
+        tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+        assert tar.stdout is not None
+        imported = subprocess.run(
+            ["docker", "import", "--change", 'CMD ["/sbin/init"]', "-", ref],
+            stdin=tar.stdout,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        tar.stdout.close()
+        if tar.wait() != 0 or imported.returncode != 0:
+            raise DockerError(f"docker import of {ref} failed: {imported.stderr.strip()}")
+    docker("image", "inspect", ref)
+    return ref
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    for name in sys.argv[1:] or list(defaults.LAB_RELEASES):
+        print(ensure_image(name))
