@@ -4,8 +4,11 @@ pyinfra's LinuxDistribution fact, and the one error for hosts a concern does not
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
+from pyinfra import host
 from pyinfra.api import DeployError
+from pyinfra.facts.server import LinuxDistribution
 
 # Distribution IDs (os-release ID) grouped by the family whose packaging they share.
 FAMILIES: dict[str, str] = {
@@ -62,3 +65,9 @@ class Distro:
 def unsupported(what: str, distro: Distro) -> DeployError:
     """The error for a host a concern cannot handle, naming the distro and version."""
     return DeployError(f"{what} is not supported on {distro.pretty} {distro.version}")
+
+
+def current_distro() -> Distro:
+    """The distribution of the host pyinfra is preparing or running now."""
+    fact = cast(Any, host.get_fact)(LinuxDistribution)
+    return Distro.from_fact(dict(fact))

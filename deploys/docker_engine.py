@@ -9,10 +9,9 @@ from typing import Any, Optional
 
 from pyinfra import host
 from pyinfra.api import DeployError, deploy
-from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, dnf, files, systemd, yum
 
-from deploys.common import Distro, unsupported
+from deploys.common import Distro, current_distro, unsupported
 
 DEFAULTS: dict[str, Any] = {
     # Where the engine comes from: "distro" (docker.io; legacy docker on CentOS 7) or
@@ -151,7 +150,7 @@ def engine_plan(distro: Distro, data: Any) -> EnginePlan:
 
 def current_plan() -> EnginePlan:
     """The engine plan for the host pyinfra is preparing now."""
-    return engine_plan(Distro.from_fact(host.get_fact(LinuxDistribution)), host.data)
+    return engine_plan(current_distro(), host.data)
 
 
 @deploy("Install and start the Docker engine", data_defaults=DEFAULTS)
@@ -171,7 +170,7 @@ def install_docker_engine() -> None:
         from deploys.docker_engine import install_docker_engine
         install_docker_engine()
     """
-    distro = Distro.from_fact(host.get_fact(LinuxDistribution))
+    distro = current_distro()
     plan = engine_plan(distro, host.data)
     if plan.family == "debian":
         if plan.repo_key_url and plan.repo_line:
@@ -181,9 +180,7 @@ def install_docker_engine() -> None:
                 update=True,
                 cache_time=3600,
             )
-            files.directory(
-                name="Create /etc/apt/keyrings", path="/etc/apt/keyrings", mode="0755"
-            )
+            files.directory(name="Create /etc/apt/keyrings", path="/etc/apt/keyrings", mode="0755")
             files.download(
                 name="Download Docker's repository signing key",
                 src=plan.repo_key_url,

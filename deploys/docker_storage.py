@@ -12,11 +12,10 @@ from typing import Any, Optional
 
 from pyinfra import host
 from pyinfra.api import deploy, operation
-from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, dnf, files, yum
 
 from deploys import docker_engine
-from deploys.common import Distro, unsupported
+from deploys.common import Distro, current_distro, unsupported
 from deploys.facts import (
     BlockDevice,
     BlockDeviceDict,
@@ -29,8 +28,8 @@ from deploys.facts import (
 from deploys.operations import data_root_device, fail_command
 
 DEFAULTS: dict[str, Any] = {
-    # Storage driver; None chooses from facts (btrfs on btrfs, else overlay2, devicemapper with
-    # direct-lvm only on engines <= 24 whose backing filesystem cannot carry overlay2).
+    # Storage driver; None chooses from facts (btrfs on btrfs, zfs on zfs, else overlay2).
+    # devicemapper (direct-lvm) only when asked for, and only on engines <= 24.
     "docker_storage_driver": None,
     # Extra storage-opts appended to the driver's own (list of "key=value" strings).
     "docker_storage_opts": [],
@@ -157,8 +156,8 @@ def plan_storage(
         )
 
     # The backing filesystem the engine will see: the device's, when one is configured.
-    backing = (path_fs or {}).get("fstype", "")
-    xfs_ftype = (path_fs or {}).get("xfs_ftype")
+    backing = path_fs["fstype"] if path_fs else ""
+    xfs_ftype = path_fs["xfs_ftype"] if path_fs else None
     device_mounted = False
     device_is_file = False
     if device and requested != "devicemapper":
@@ -210,17 +209,16 @@ def plan_storage(
             driver, reason = "zfs", "the data root is on zfs"
         elif not problem:
             driver, reason = "overlay2", f"overlay2 on {backing}"
-        elif major <= DEVICEMAPPER_LAST_MAJOR and device:
-            driver, reason = "devicemapper", f"{problem}; devicemapper direct-lvm on {device}"
         else:
             hint = (
-                "set docker_storage_device for devicemapper direct-lvm"
+                "set docker_storage_driver='devicemapper' with a docker_storage_device for "
+                "direct-lvm"
                 if major <= DEVICEMAPPER_LAST_MAJOR
                 else f"devicemapper is gone from engine {major}"
             )
             raise StorageRefused(
-                f"no supported storage driver: {problem}; {hint}, or give the data root "
-                "a backing store (docker_storage_device with xfs or btrfs)"
+                f"no supported storage driver: {problem}; give the data root a backing store "
+                f"(docker_storage_device, xfs or btrfs), or {hint}"
             )
     else:
         driver, reason = requested, "requested by docker_storage_driver"
@@ -276,7 +274,7 @@ def plan_storage(
 
 def current_plan() -> StoragePlan:
     """The storage plan of the host pyinfra is preparing now (facts are cached per host)."""
-    distro = Distro.from_fact(host.get_fact(LinuxDistribution))
+    distro = current_distro()
     if distro.family not in ("debian", "rhel"):
         raise unsupported("Docker storage", distro)
     data_root = str(_setting(host.data, "docker_storage_data_root"))
@@ -335,7 +333,7 @@ def configure_docker_storage() -> None:
         return
     if not (plan.device and plan.device_fs):
         return
-    distro = Distro.from_fact(host.get_fact(LinuxDistribution))
+    distro = current_distro()
     package = DEVICE_FILESYSTEMS[plan.device_fs][distro.family]
     if distro.family == "debian":
         apt.packages(

@@ -58,7 +58,7 @@ class PathFilesystem(FactBase[Optional[PathFilesystemDict]]):
     def command(self, path: str) -> str:
         p = shlex.quote(path)
         return (
-            f"p={p}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; echo {p}; "
+            f'p={p}; while [ ! -e "$p" ]; do p=$(dirname "$p"); done; echo {p}; '
             'findmnt -n -o FSTYPE,SOURCE,TARGET --target "$p" | head -n 1; '
             'if [ "$(findmnt -n -o FSTYPE --target "$p" | head -n 1)" = xfs ]; then '
             'echo "ftype=$(xfs_info "$(findmnt -n -o TARGET --target "$p" | head -n 1)" '

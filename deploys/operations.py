@@ -54,15 +54,9 @@ def merge_config(current: dict[str, Any], keys: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def apply_script(path: str, staged: str, expect_driver: str, timeout: int) -> str:
-    """Shell run on the host: validate the staged file, swap it in, restart, verify, roll back.
-
-    The engine is never left down: if it does not come back with `expect_driver`, the previous
-    file is restored, the engine restarted on it, and the script exits 1 with the reason.
-    """
-    q = shlex.quote
-    return f"""set -u
-cfg={q(path)}; new={q(staged)}; bak={q(path + '.dockyard-prev')}; want={q(expect_driver)}
+# Run on the host by `daemon_json`; @TOKENS@ are filled in (shell-quoted) by `apply_script`.
+_APPLY_SCRIPT = """set -u
+cfg=@CFG@; new=@NEW@; bak=@BAK@; want=@WANT@
 if dockerd --help 2>&1 | grep -q -- '--validate'; then
   if ! out=$(dockerd --validate --config-file "$new" 2>&1); then
     rm -f "$new"
@@ -72,33 +66,51 @@ if dockerd --help 2>&1 | grep -q -- '--validate'; then
 fi
 had=0; if [ -f "$cfg" ]; then cp -p "$cfg" "$bak"; had=1; fi
 chmod 0644 "$new"; mv -f "$new" "$cfg"
-start() {{
+start() {
+  got=
   systemctl reset-failed docker.service docker.socket >/dev/null 2>&1
   systemctl restart docker.service >/dev/null 2>&1 || return 1
   i=0
-  while [ $i -lt {timeout} ]; do
-    got=$(docker info --format '{{{{.Driver}}}}' 2>/dev/null) && break
+  while [ $i -lt @TIMEOUT@ ]; do
+    got=$(docker info --format '{{.Driver}}' 2>/dev/null) && break
     sleep 1; i=$((i + 1))
   done
-  [ "${{got:-}}" = "$want" ]
-}}
+  [ "$got" = "$want" ]
+}
 if start; then
   echo "storage driver $want is running"
   exit 0
 fi
-why=$(journalctl -u docker.service --no-pager -n 40 -o cat 2>/dev/null \\
-  | grep -iE 'error|failed|invalid' | tail -n 2 | tr '\\n' ' ')
+first=${got:-nothing}
+why=$(journalctl -u docker.service --no-pager -n 80 -o cat 2>/dev/null \\
+  | grep -E 'failed to start daemon|level=(error|fatal)' | tail -n 1)
 if [ $had -eq 1 ]; then mv -f "$bak" "$cfg"; else rm -f "$cfg"; fi
 if start || docker info >/dev/null 2>&1; then
-  now=$(docker info --format '{{{{.Driver}}}}' 2>/dev/null)
-  echo "dockyard: the engine did not come up with storage driver $want (got ${{got:-nothing}})." \\
-    "Restored the previous $cfg; the engine runs again on ${{now:-?}}. Engine said: ${{why:-?}}" >&2
+  now=$(docker info --format '{{.Driver}}' 2>/dev/null)
+  echo "dockyard: the engine did not come up with storage driver $want (got $first)." \\
+    "Restored the previous $cfg; the engine runs again on ${now:-?}. Engine said: ${why:-?}" >&2
 else
-  echo "dockyard: the engine did not come up with $want and not on the restored $cfg either;" \\
-    "check 'journalctl -u docker'. Engine said: ${{why:-?}}" >&2
+  echo "dockyard: the engine came up neither with $want nor on the restored $cfg;" \\
+    "see 'journalctl -u docker'. Engine said: ${why:-?}" >&2
 fi
 exit 1
 """
+
+
+def apply_script(path: str, staged: str, expect_driver: str, timeout: int) -> str:
+    """Shell run on the host: validate the staged file, swap it in, restart, verify, roll back.
+
+    The engine is never left down: if it does not come back with `expect_driver`, the previous
+    file is restored, the engine restarted on it, and the script exits 1 with the reason.
+    """
+    q = shlex.quote
+    return (
+        _APPLY_SCRIPT.replace("@CFG@", q(path))
+        .replace("@NEW@", q(staged))
+        .replace("@BAK@", q(path + ".dockyard-prev"))
+        .replace("@WANT@", q(expect_driver))
+        .replace("@TIMEOUT@", str(int(timeout)))
+    )
 
 
 @operation()

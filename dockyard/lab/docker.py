@@ -26,8 +26,6 @@ def docker(*args: str, input_text: str | None = None) -> str:
 def docker_ok(*args: str) -> bool:
     """True when `docker ARGS` exits 0 (used for existence checks)."""
     try:
-        return (
-            subprocess.run(["docker", *args], capture_output=True, check=False).returncode == 0
-        )
+        return subprocess.run(["docker", *args], capture_output=True, check=False).returncode == 0
     except FileNotFoundError:
         return False

@@ -75,7 +75,7 @@ def _network() -> str:
 
 def _key_paths() -> tuple[Path, Path]:
     state = defaults.lab_state_dir()
-    return state / "id_ed25519", state / "known_hosts"
+    return state / "id_ed25519", state / f"{defaults.LAB_NAME}.known_hosts"
 
 
 def ensure_ssh_key(log: Log = print) -> Path:
@@ -202,8 +202,9 @@ def up(
     pubkey = key.with_suffix(".pub").read_text()
     if not docker_ok("network", "inspect", _network()):
         log(f"--> Creating lab network {_network()}")
-        docker("network", "create", "--label", f"{defaults.LAB_LABEL}={defaults.LAB_NAME}",
-               _network())
+        docker(
+            "network", "create", "--label", f"{defaults.LAB_LABEL}={defaults.LAB_NAME}", _network()
+        )
     images = {}
     for release in dict.fromkeys(r for _, r, _ in wanted):
         log(f"--> Lab image for {release}")

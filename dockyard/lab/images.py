@@ -27,9 +27,9 @@ done
 
 _INIT_UNIT = """[Unit]
 Description=dockyard lab host first steps (ssh host keys, loop devices)
-Before=ssh.service
 DefaultDependencies=no
-After=local-fs.target
+Wants=local-fs-pre.target
+Before=local-fs-pre.target ssh.service
 
 [Service]
 Type=oneshot
@@ -37,7 +37,7 @@ ExecStart=/usr/local/sbin/dockyard-lab-init
 RemainAfterExit=yes
 
 [Install]
-WantedBy=multi-user.target
+WantedBy=sysinit.target
 """
 
 # Units that make no sense in a container and would only slow the boot or fail it.
@@ -96,7 +96,7 @@ def _customise(root: Path) -> None:
     init.chmod(0o755)
     unit_dir = root / "etc/systemd/system"
     (unit_dir / "dockyard-lab-init.service").write_text(_INIT_UNIT)
-    wants = unit_dir / "multi-user.target.wants"
+    wants = unit_dir / "sysinit.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
     link = wants / "dockyard-lab-init.service"
     if not link.is_symlink():

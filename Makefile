@@ -1,0 +1,47 @@
+# dockyard — two commands do all set-up on a fresh Debian 12 machine as root:
+#   make deploy   venv + Docker engine + lab + `pyinfra inventory/lab.py deploy.py -y`
+#   make test     the whole test suite (lint, unit, operation specs, lab end to end)
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: deploy test unit lint bench engine lab-up lab-down venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+engine:
+	bash scripts/ensure-engine.sh
+
+lab-up: venv engine
+	$(BIN)/dockyard lab up
+
+lab-down: venv
+	$(BIN)/dockyard lab down
+
+deploy: lab-up
+	$(BIN)/pyinfra inventory/lab.py deploy.py -y
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -q tests/unit tests/operations
+
+test: venv engine lint
+	$(BIN)/pytest -q -ra tests
+
+bench: venv engine
+	$(BIN)/python benchmarks/deploy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Make sure this (Debian) control machine has what the lab needs: Debian's docker.io engine
+# running, debootstrap to build lab images, an ssh client. Idempotent; run as root.
+set -euo pipefail
+
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v ssh >/dev/null || need+=(openssh-client)
+command -v findmnt >/dev/null || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "--> Installing ${need[*]} from Debian"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if docker info >/dev/null 2>&1; then
+  echo "--> Docker engine: running ($(docker info --format '{{.ServerVersion}}, {{.Driver}}'))"
+  exit 0
+fi
+
+if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
+  systemctl start docker
+else
+  echo "--> Starting dockerd in the background (no systemd here); log: /var/log/dockyard-dockerd.log"
+  setsid nohup dockerd >>/var/log/dockyard-dockerd.log 2>&1 </dev/null &
+fi
+for _ in $(seq 1 60); do
+  if docker info >/dev/null 2>&1; then
+    echo "--> Docker engine: running ($(docker info --format '{{.ServerVersion}}, {{.Driver}}'))"
+    exit 0
+  fi
+  sleep 1
+done
+echo "dockyard: the Docker engine did not start; see /var/log/dockyard-dockerd.log" >&2
+tail -n 20 /var/log/dockyard-dockerd.log >&2 || true
+exit 1

@@ -1,0 +1,113 @@
+"""Lab end-to-end fixtures: a lab of its own (DOCKYARD_LAB_NAME=dockyard-test, so a user's lab is
+left alone), pyinfra run as users run it (the CLI, over ssh, with --json results), and testinfra
+hosts reached over ssh with the lab key and strict host-key checking."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import testinfra
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+LAB_NAME = "dockyard-test"
+ENV = {**os.environ, "DOCKYARD_LAB_NAME": LAB_NAME, "PYTHONUNBUFFERED": "1"}
+# Bound on one pyinfra run (a first deploy installs the engine on every host from Debian).
+DEPLOY_TIMEOUT = 900
+
+
+@dataclass
+class DeployRun:
+    """One `pyinfra --json inventory/lab.py deploy.py -y` run: exit code, results, log."""
+
+    returncode: int
+    results: dict[str, Any]
+    log: str
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return self.results.get("totals", {})
+
+    def changed_ops(self) -> list[str]:
+        return [op["name"] for op in self.results.get("operations", []) if op["success"]]
+
+
+def run_deploy(*extra: str) -> DeployRun:
+    proc = subprocess.run(
+        [str(BIN / "pyinfra"), "--json", "inventory/lab.py", "deploy.py", "-y", *extra],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=DEPLOY_TIMEOUT,
+        check=False,
+    )
+    results: dict[str, Any] = {}
+    if proc.stdout.strip():
+        results = json.loads(proc.stdout).get("results") or {}
+    return DeployRun(proc.returncode, results, proc.stderr)
+
+
+def _dockyard(*args: str) -> str:
+    proc = subprocess.run(
+        [str(BIN / "dockyard"), *args], env=ENV, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, f"dockyard {' '.join(args)} failed:\n{proc.stderr}"
+    return proc.stdout
+
+
+# Developers may set DOCKYARD_REUSE_LAB=1 to skip re-creating the test lab, and
+# DOCKYARD_KEEP_LAB=1 to leave it running afterwards; CI does neither.
+REUSE = bool(os.environ.get("DOCKYARD_REUSE_LAB"))
+
+
+@pytest.fixture(scope="session")
+def lab() -> Any:
+    """A fresh test lab (hosts as debootstrap left them, images from the cache)."""
+    if not REUSE:
+        _dockyard("lab", "down")
+    _dockyard("lab", "up")
+    hosts = json.loads(_dockyard("lab", "status", "--json"))
+    yield hosts
+    if not os.environ.get("DOCKYARD_KEEP_LAB"):
+        _dockyard("lab", "down")
+
+
+@pytest.fixture(scope="session")
+def first_deploy(lab: list[dict[str, Any]]) -> DeployRun:
+    return run_deploy()
+
+
+@pytest.fixture(scope="session")
+def hosts(lab: list[dict[str, Any]], first_deploy: DeployRun) -> dict[str, Any]:
+    """testinfra hosts by lab host name, after the first deploy."""
+    out = {}
+    for item in lab:
+        out[item["name"]] = testinfra.get_host(
+            f"ssh://{item['ssh_user']}@{item['address']}",
+            ssh_identity_file=item["ssh_key"],
+            ssh_extra_args=(
+                f"-o UserKnownHostsFile={item['ssh_known_hosts']} "
+                "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
+            ),
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def btrfs_host(lab: list[dict[str, Any]]) -> str:
+    """The lab host inventory/lab.py gives a btrfs data root (the last one)."""
+    return str(lab[-1]["name"])
+
+
+@pytest.fixture(scope="session")
+def overlay_host(lab: list[dict[str, Any]], btrfs_host: str) -> str:
+    """A host on overlay2 that the failure cases may disturb (and must leave as it was)."""
+    return str(next(h["name"] for h in lab if h["name"] != btrfs_host))

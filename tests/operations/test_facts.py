@@ -1,0 +1,88 @@
+"""Custom facts parsed from recorded output of real hosts (lab and production shapes)."""
+
+from __future__ import annotations
+
+from deploys.facts import BlockDevice, DockerEngine, JsonFile, KernelFilesystems, PathFilesystem
+
+
+def test_kernel_filesystems_from_proc() -> None:
+    out = ["nodev\tsysfs", "nodev\toverlay", "\text4", "\tbtrfs", "nodev\tfuse", ""]
+    assert KernelFilesystems().process(out) == ["sysfs", "overlay", "ext4", "btrfs", "fuse"]
+
+
+def test_path_filesystem_ext4_docker_volume() -> None:
+    out = [
+        "/var/lib/docker",
+        "ext4   /dev/vda[/var/lib/docker/volumes/lab-docker/_data] /var/lib/docker",
+        "ftype=",
+    ]
+    fact = PathFilesystem().process(out)
+    assert fact is not None
+    assert fact["fstype"] == "ext4"
+    assert fact["target"] == "/var/lib/docker"
+    assert fact["xfs_ftype"] is None
+
+
+def test_path_filesystem_xfs_ftype_zero() -> None:
+    fact = PathFilesystem().process(["/var/lib", "xfs /dev/mapper/centos-root /", "ftype=0"])
+    assert fact is not None
+    assert fact["xfs_ftype"] is False
+    assert fact["path"] == "/var/lib"
+
+
+def test_path_filesystem_command_walks_up_to_an_existing_parent() -> None:
+    command = PathFilesystem().command("/var/lib/docker")
+    assert 'while [ ! -e "$p" ]' in command
+    assert "xfs_info" in command
+
+
+def test_docker_engine_running() -> None:
+    fact = DockerEngine().process(
+        ["Docker version 26.1.5+dfsg1, build a72d7cd", "btrfs|/var/lib/docker|2|1"]
+    )
+    assert fact == {
+        "version": "26.1.5",
+        "major": 26,
+        "running": True,
+        "driver": "btrfs",
+        "root_dir": "/var/lib/docker",
+        "images": 2,
+        "containers": 1,
+    }
+
+
+def test_docker_engine_installed_but_stopped() -> None:
+    fact = DockerEngine().process(["Docker version 20.10.24+dfsg1, build 297e128"])
+    assert fact is not None
+    assert fact["running"] is False and fact["major"] == 20 and fact["images"] is None
+
+
+def test_docker_engine_absent() -> None:
+    assert DockerEngine().process([]) is None
+
+
+def test_json_file_states() -> None:
+    assert JsonFile().process([]) == {"exists": False, "content": None, "error": None}
+    ok = JsonFile().process(["__exists__", '{"storage-driver": "overlay2",', '"debug": true}'])
+    assert ok["content"] == {"storage-driver": "overlay2", "debug": True}
+    empty = JsonFile().process(["__exists__"])
+    assert empty == {"exists": True, "content": {}, "error": None}
+    bad = JsonFile().process(["__exists__", '{"storage-driver": '])
+    assert bad["exists"] and bad["content"] is None and bad["error"]
+    not_object = JsonFile().process(["__exists__", "[1, 2]"])
+    assert not_object["error"] == "top level is not a JSON object"
+
+
+def test_block_device_states() -> None:
+    assert BlockDevice().process([]) == {"exists": False, "fstype": "", "mountpoints": []}
+    fresh = BlockDevice().process(["__exists__", "TYPE="])
+    assert fresh == {"exists": True, "fstype": "", "mountpoints": []}
+    mounted = BlockDevice().process(
+        ["__exists__", "TYPE=btrfs", "/var/lib/docker", "/var/lib/docker/btrfs"]
+    )
+    assert mounted["fstype"] == "btrfs"
+    assert mounted["mountpoints"] == ["/var/lib/docker", "/var/lib/docker/btrfs"]
+
+
+def test_block_device_command_refuses_without_blkid() -> None:
+    assert "blkid (util-linux) is missing" in BlockDevice().command("/dev/vdb")
