@@ -57,6 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
     lab_sub.add_parser("down", help="remove the lab hosts, their volumes and network")
     lab_status = lab_sub.add_parser("status", help="list the lab hosts")
     lab_status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    registry = sub.add_parser("registry", help="the OCI Distribution registry")
+    reg_sub = registry.add_subparsers(dest="registry_command", required=True)
+    reg_serve = reg_sub.add_parser("serve", help="serve a registry from a distribution config.yml")
+    reg_serve.add_argument("--config", required=True, help="path of config.yml")
+    reg_serve.add_argument("config_positional", nargs="?", help=argparse.SUPPRESS)
+    reg_gc = reg_sub.add_parser(
+        "garbage-collect", help="delete blobs no manifest references (safe while serving)"
+    )
+    reg_gc.add_argument("config", help="path of config.yml")
+    reg_gc.add_argument("--dry-run", "-d", action="store_true", help="only list what would go")
+    reg_gc.add_argument(
+        "--delete-untagged", "-m", action="store_true", help="also delete untagged manifests"
+    )
+    reg_gc.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        help="seconds an unreferenced blob is kept after it was written (default: 3600)",
+    )
     return parser
 
 
@@ -81,12 +101,40 @@ def _lab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace) -> int:
+    from dockyard.registry.config import load_config
+
+    def warn(message: str) -> None:
+        print(f"dockyard: warning: {message}", file=sys.stderr)
+
+    if args.registry_command == "serve":
+        from dockyard.registry.server import serve
+
+        serve(load_config(args.config, warn=warn))
+        return 0
+    from dockyard.registry import gc
+    from dockyard.registry.driver import FilesystemDriver
+    from dockyard.registry.store import Registry
+
+    config = load_config(args.config, warn=warn)
+    grace = gc.DEFAULT_GRACE_SECONDS if args.grace is None else args.grace
+    if grace < 0:
+        raise ValueError(f"--grace {grace} must not be negative")
+    registry = Registry(FilesystemDriver(config.rootdirectory), delete_enabled=True)
+    gc.collect(
+        registry, dry_run=args.dry_run, delete_untagged=args.delete_untagged, grace_seconds=grace
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "lab":
             return _lab(args)
-    except (DockerError, ValueError) as exc:
+        if args.command == "registry":
+            return _registry(args)
+    except (DockerError, ValueError, OSError) as exc:
         print(f"dockyard: error: {exc}", file=sys.stderr)
         return 1
     return 2

@@ -1,0 +1,215 @@
+"""Storage drivers: the small interface the registry stores on (get/put content, reader, writer
+with commit/cancel, stat, list, move, delete, walk), and the filesystem driver. Every write is
+atomic: a temp file in the same directory, fsync, rename, fsync of the directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from dockyard.registry.errors import InvalidPath, PathNotFound
+
+_ALLOWED = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-/")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    size: int
+    mtime: float
+    is_dir: bool
+
+
+class FileWriter(Protocol):
+    """An appending writer: `commit` makes the bytes durable, `cancel` removes them."""
+
+    @property
+    def size(self) -> int: ...
+
+    def write(self, data: bytes) -> int: ...
+
+    def commit(self) -> None: ...
+
+    def cancel(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StorageDriver(Protocol):
+    """What the blob and linked stores need from storage (distribution's StorageDriver)."""
+
+    def get_content(self, path: str) -> bytes: ...
+
+    def put_content(self, path: str, data: bytes) -> None: ...
+
+    def reader(self, path: str, offset: int = 0) -> BinaryIO: ...
+
+    def writer(self, path: str, append: bool = False) -> FileWriter: ...
+
+    def stat(self, path: str) -> FileInfo: ...
+
+    def list(self, path: str) -> list[str]: ...
+
+    def move(self, source: str, dest: str) -> None: ...
+
+    def delete(self, path: str) -> None: ...
+
+    def walk(self, path: str) -> Iterator[FileInfo]: ...
+
+    def local_path(self, path: str) -> str | None: ...
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _FsWriter:
+    def __init__(self, full: str, append: bool) -> None:
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        self._path = full
+        self._file = open(full, "ab" if append else "wb")  # noqa: SIM115 - closed in close()
+        self._size = self._file.tell()
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data: bytes) -> int:
+        written = self._file.write(data)
+        self._size += written
+        return written
+
+    def commit(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def cancel(self) -> None:
+        self.close()
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        if not self._closed:
+            self._file.close()
+            self._closed = True
+
+
+class FilesystemDriver:
+    """Stores everything below one root directory; paths are '/'-separated and relative."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    def _full(self, path: str) -> str:
+        parts = path.strip("/").split("/") if path.strip("/") else []
+        if (
+            not set(path) <= _ALLOWED
+            or any(p in ("", ".", "..") for p in parts)
+            or path.startswith("/")
+        ):
+            raise InvalidPath(path)
+        full = os.path.join(self.root, *parts)
+        if os.path.commonpath([self.root, full]) != self.root:
+            raise InvalidPath(path)
+        return full
+
+    def local_path(self, path: str) -> str | None:
+        return self._full(path)
+
+    def get_content(self, path: str) -> bytes:
+        try:
+            with open(self._full(path), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise PathNotFound(path) from exc
+
+    def put_content(self, path: str, data: bytes) -> None:
+        full = self._full(path)
+        directory = os.path.dirname(full)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, full)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        _fsync_dir(directory)
+
+    def reader(self, path: str, offset: int = 0) -> BinaryIO:
+        try:
+            f = open(self._full(path), "rb")  # noqa: SIM115 - returned to the caller
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise PathNotFound(path) from exc
+        if offset:
+            f.seek(offset)
+        return f
+
+    def writer(self, path: str, append: bool = False) -> FileWriter:
+        return _FsWriter(self._full(path), append)
+
+    def stat(self, path: str) -> FileInfo:
+        try:
+            st = os.stat(self._full(path))
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise PathNotFound(path) from exc
+        return FileInfo(path, st.st_size, st.st_mtime, os.path.isdir(self._full(path)))
+
+    def list(self, path: str) -> list[str]:
+        full = self._full(path)
+        try:
+            names = sorted(os.listdir(full))
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise PathNotFound(path) from exc
+        base = path.strip("/")
+        return [f"{base}/{n}" if base else n for n in names if not n.startswith(".tmp-")]
+
+    def move(self, source: str, dest: str) -> None:
+        src, dst = self._full(source), self._full(dest)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.replace(src, dst)
+        except FileNotFoundError as exc:
+            raise PathNotFound(source) from exc
+        _fsync_dir(os.path.dirname(dst))
+
+    def delete(self, path: str) -> None:
+        full = self._full(path)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full)
+        elif os.path.lexists(full):
+            os.unlink(full)
+        else:
+            raise PathNotFound(path)
+
+    def walk(self, path: str) -> Iterator[FileInfo]:
+        full = self._full(path)
+        if not os.path.isdir(full):
+            raise PathNotFound(path)
+        base = path.strip("/")
+        for directory, dirs, files in os.walk(full):
+            dirs.sort()
+            rel = os.path.relpath(directory, full)
+            prefix = base if rel == "." else f"{base}/{rel}"
+            for name in sorted(files):
+                if name.startswith(".tmp-"):
+                    continue
+                st = os.stat(os.path.join(directory, name))
+                yield FileInfo(f"{prefix}/{name}", st.st_size, st.st_mtime, False)
