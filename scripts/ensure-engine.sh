@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Make sure this (Debian) control machine has what the lab needs: Debian's docker.io engine
-# running, debootstrap to build lab images, an ssh client. Idempotent; run as root.
+# Make sure this (Debian) control machine has what the lab and tests need: Debian's docker.io engine
+# running, debootstrap (lab images), skopeo and docker-registry (the real client and the CNCF
+# reference registry), htpasswd, an ssh client. Idempotent; run as root.
 set -euo pipefail
 
 need=()
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v skopeo >/dev/null || need+=(skopeo)
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v htpasswd >/dev/null || need+=(apache2-utils)
+command -v openssl >/dev/null || need+=(openssl)
 command -v ssh >/dev/null || need+=(openssh-client)
 command -v findmnt >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
