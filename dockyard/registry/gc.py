@@ -35,14 +35,14 @@ class GCResult:
     deleted_manifests: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _revisions(registry: Registry, name: str, since: float = 0.0) -> list[p.Digest]:
+def _revisions(registry: Registry, name: str) -> list[p.Digest]:
     out: list[p.Digest] = []
     try:
         infos = list(registry.driver.walk(p.path_for(p.RevisionsRoot(name))))
     except PathNotFound:
         return out
     for info in infos:
-        if not info.path.endswith("/link") or info.mtime < since:
+        if not info.path.endswith("/link"):
             continue
         try:
             out.append(p.parse_digest(registry.driver.get_content(info.path).decode().strip()))
@@ -92,9 +92,10 @@ class _Marker:
             pending.extend(manifest.manifests)
 
 
-def _keep_set(registry: Registry, name: str, delete_untagged: bool) -> tuple[set, set]:
+def _keep_set(
+    registry: Registry, name: str, revisions: set[p.Digest], delete_untagged: bool
+) -> tuple[set[p.Digest], set[p.Digest]]:
     """(manifests to keep, manifests to delete) of one repository."""
-    revisions = set(_revisions(registry, name))
     if not delete_untagged:
         return revisions, set()
     keep = set(_tagged(registry, name)) & revisions
@@ -126,19 +127,20 @@ def collect(
     log: Callable[[str], None] = print,
 ) -> GCResult:
     """Mark every blob a kept manifest references, then sweep the rest (older than grace)."""
-    started = time.time()
     marker = _Marker(registry, log)
     result = GCResult()
     doomed: list[tuple[str, p.Digest]] = []
+    seen: dict[str, set[p.Digest]] = {}
     for name in registry.catalog():
-        keep, delete = _keep_set(registry, name, delete_untagged)
+        seen[name] = set(_revisions(registry, name))
+        keep, delete = _keep_set(registry, name, seen[name], delete_untagged)
         marker.mark_manifests(name, keep)
         doomed += [(name, d) for d in sorted(delete, key=str)]
 
     with registry.gc_lock(exclusive=True):
-        # Anything written while we marked is kept, with everything it references.
+        # Manifests written while we marked are kept, with everything they reference.
         for name in registry.catalog():
-            fresh = _revisions(registry, name, since=started - 2.0)
+            fresh = set(_revisions(registry, name)) - seen.get(name, set())
             marker.mark_manifests(name, fresh)
             if delete_untagged:
                 tagged_now = _tagged(registry, name)
@@ -175,6 +177,8 @@ def collect(
                     registry.driver.delete(path.rsplit("/", 1)[0])
                 except PathNotFound:
                     pass
+        if result.deleted_blobs and not dry_run:
+            _drop_dangling_layer_links(registry, log)
     result.marked = marker.marked
     log(
         f"{len(marker.marked)} blobs marked, {len(result.deleted_blobs)} blobs and "
@@ -187,6 +191,25 @@ def collect(
         + (" (dry run: nothing deleted)" if dry_run else "")
     )
     return result
+
+
+def _drop_dangling_layer_links(registry: Registry, log: Callable[[str], None]) -> None:
+    """Remove `_layers` links whose blob was swept (distribution 2.8 leaves them dangling)."""
+    for name in registry.catalog_all():
+        try:
+            infos = list(registry.driver.walk(p.path_for(p.LayersRoot(name))))
+        except PathNotFound:
+            continue
+        for info in infos:
+            if not info.path.endswith("/link"):
+                continue
+            try:
+                digest = p.parse_digest(registry.driver.get_content(info.path).decode().strip())
+            except (DigestInvalid, PathNotFound, UnicodeDecodeError):
+                continue
+            if not registry.blob_exists(digest):
+                registry.driver.delete(info.path.rsplit("/", 1)[0])
+                log(f"{name}: removed the link to swept blob {digest}")
 
 
 def _all_blobs(registry: Registry) -> list[p.Digest]:

@@ -185,7 +185,7 @@ def test_invalid_digest_parameter(registry: RegistryServer, digest: str) -> None
     assert reply.status == 400 and "DIGEST_INVALID" in reply.error_codes()
 
 
-# ---- blobs -----------------------------------------------------------------------------------------
+# ---- blobs ---------------------------------------------------------------------------------
 def test_range_requests(registry: RegistryServer) -> None:
     data = os.urandom(10_000)
     digest = push_blob(registry, "suite/range", data)
