@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable
@@ -25,6 +26,7 @@ from dockyard.registry.driver import FilesystemDriver
 from dockyard.registry.errors import (
     BlobUnknown,
     BlobUploadInvalid,
+    DriverError,
     InvalidPath,
     NameInvalid,
     NotFound,
@@ -130,6 +132,7 @@ class RegistryApp:
 
     def __init__(self, config: RegistryConfig) -> None:
         self.config = config
+        os.makedirs(config.rootdirectory, exist_ok=True)
         self.registry = Registry(FilesystemDriver(config.rootdirectory), config.delete_enabled)
         self.htpasswd: dict[str, bytes] = {}
         self._auth_cache: dict[str, float] = {}
@@ -513,14 +516,12 @@ class RegistryApp:
     async def _health_loop(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.registry.driver.stat, "")
+                # The root exists from start-up on; listing it proves the driver can read.
+                await asyncio.to_thread(self.registry.driver.list, "")
                 self.health_failures, self.health_error = 0, None
-            except OSError as exc:
+            except (OSError, DriverError) as exc:
                 self.health_failures += 1
-                self.health_error = str(exc)
-            except RegistryError as exc:
-                self.health_failures += 1
-                self.health_error = exc.message
+                self.health_error = f"{type(exc).__name__}: {exc}"
             await asyncio.sleep(self.config.health_interval)
 
 

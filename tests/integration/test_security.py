@@ -1,0 +1,343 @@
+"""The registry's security and operational configuration, end to end on loopback: htpasswd
+(bcrypt only), TLS 1.2 minimum (TLS 1.1 refused), client certificates (clientcas), read-only
+mode, the health endpoint, REGISTRY_* environment overrides, config errors and upload purging."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.integration.conftest import free_port, make_server, push_blob, write_config
+
+BIN = Path(sys.executable).parent
+
+
+def _cert(
+    name: str,
+    issuer_key: ec.EllipticCurvePrivateKey | None,
+    issuer: x509.Name | None,
+    ca: bool,
+    san: list[x509.GeneralName] | None = None,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer or subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return key, builder.sign(issuer_key or key, hashes.SHA256())
+
+
+def _write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.with_suffix(".key").chmod(0o600)
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("pki")
+    ca_key, ca = _cert("dockyard test CA", None, None, ca=True)
+    _write(base / "ca", ca_key, ca)
+    import ipaddress
+
+    key, cert = _cert(
+        "registry",
+        ca_key,
+        ca.subject,
+        ca=False,
+        san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    _write(base / "server", key, cert)
+    ckey, ccert = _cert("client", ca_key, ca.subject, ca=False)
+    _write(base / "client", ckey, ccert)
+    return base
+
+
+def _tls_get(port: int, ca: Path, client: Path | None = None) -> int:
+    context = ssl.create_default_context(cafile=str(ca))
+    if client is not None:
+        context.load_cert_chain(str(client.with_suffix(".crt")), str(client.with_suffix(".key")))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            head = tls.recv(100).decode()
+            return int(head.split()[1])
+
+
+def test_tls_serves_1_2_and_refuses_1_1(pki: Path, tmp_path: Path) -> None:
+    server = make_server(
+        "dockyard",
+        tmp_path / "tls",
+        extra={
+            "http.tls": {"certificate": str(pki / "server.crt"), "key": str(pki / "server.key")}
+        },
+    )
+    try:
+        assert _tls_get(server.port, pki / "ca.crt") == 200
+
+        def s_client(version: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [
+                    "openssl",
+                    "s_client",
+                    f"-{version}",
+                    "-cipher",
+                    "DEFAULT@SECLEVEL=0",
+                    "-connect",
+                    server.address,
+                    "-CAfile",
+                    str(pki / "ca.crt"),
+                ],
+                input="",
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+            )
+
+        assert s_client("tls1_2").returncode == 0
+        old = s_client("tls1_1")
+        assert old.returncode != 0
+        assert "Cipher is (NONE)" in old.stdout
+    finally:
+        server.stop()
+
+
+def test_client_certificates_are_required_with_clientcas(pki: Path, tmp_path: Path) -> None:
+    server = make_server(
+        "dockyard",
+        tmp_path / "mtls",
+        extra={
+            "http.tls": {
+                "certificate": str(pki / "server.crt"),
+                "key": str(pki / "server.key"),
+                "clientcas": [str(pki / "ca.crt")],
+            }
+        },
+    )
+    try:
+        assert _tls_get(server.port, pki / "ca.crt", client=pki / "client") == 200
+        with pytest.raises((ssl.SSLError, ConnectionResetError, ValueError, IndexError)):
+            _tls_get(server.port, pki / "ca.crt")
+    finally:
+        server.stop()
+
+
+def test_htpasswd_bcrypt(tmp_path: Path) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    subprocess.run(
+        ["htpasswd", "-Bbc", str(htpasswd), "alice", "s3cret pass"], check=True, capture_output=True
+    )
+    server = make_server(
+        "dockyard",
+        tmp_path / "auth",
+        extra={"auth.htpasswd": {"realm": "dockyard-test", "path": str(htpasswd)}},
+    )
+    try:
+        anonymous = server.request("GET", "/v2/")
+        assert anonymous.status == 401
+        assert anonymous.headers["www-authenticate"] == 'Basic realm="dockyard-test"'
+        assert anonymous.error_codes() == ["UNAUTHORIZED"]
+        import base64
+
+        def auth(user: str, password: str) -> dict[str, str]:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            return {"Authorization": f"Basic {token}"}
+
+        assert server.request("GET", "/v2/", headers=auth("alice", "wrong")).status == 401
+        assert server.request("GET", "/v2/", headers=auth("bob", "s3cret pass")).status == 401
+        assert server.request("GET", "/v2/", headers=auth("alice", "s3cret pass")).status == 200
+        assert server.request("GET", "/debug/health").status == 200
+    finally:
+        server.stop()
+
+
+def test_htpasswd_without_bcrypt_is_refused_at_start(tmp_path: Path) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    subprocess.run(
+        ["htpasswd", "-mbc", str(htpasswd), "alice", "pw"], check=True, capture_output=True
+    )
+    server = make_server(
+        "dockyard",
+        tmp_path / "md5",
+        start=False,
+        extra={"auth.htpasswd": {"realm": "r", "path": str(htpasswd)}},
+    )
+    proc = subprocess.run(server.command(), capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode != 0
+    assert "entry for 'alice' is not bcrypt" in proc.stderr
+
+
+def test_read_only_mode(tmp_path: Path) -> None:
+    server = make_server("dockyard", tmp_path / "ro")
+    digest = push_blob(server, "ro/repo", b"before read-only")
+    server.stop()
+    server = make_server(
+        "dockyard",
+        tmp_path / "ro2",
+        extra={
+            "storage.filesystem.rootdirectory": str(tmp_path / "ro" / "data"),
+            "storage.maintenance.readonly.enabled": True,
+        },
+    )
+    try:
+        assert server.request("HEAD", f"/v2/ro/repo/blobs/{digest}").status == 200
+        refused = server.request("POST", "/v2/ro/repo/blobs/uploads/")
+        assert refused.status == 405 and refused.error_codes() == ["UNSUPPORTED"]
+        assert "read-only" in refused.json()["errors"][0]["message"]
+    finally:
+        server.stop()
+
+
+def test_health_reports_storage_failure(tmp_path: Path) -> None:
+    root = tmp_path / "health-root"
+    server = make_server(
+        "dockyard",
+        tmp_path / "health",
+        extra={
+            "storage.filesystem.rootdirectory": str(root),
+            "health.storagedriver": {"enabled": True, "interval": "100ms", "threshold": 2},
+        },
+    )
+    try:
+        push_blob(server, "health/x", b"data")
+        assert server.request("GET", "/debug/health").status == 200
+        shutil.rmtree(root)
+        deadline = time.monotonic() + 10
+        status = 200
+        while time.monotonic() < deadline and status == 200:
+            time.sleep(0.1)
+            status = server.request("GET", "/debug/health").status
+        assert status == 503
+        assert "storagedriver_filesystem" in server.request("GET", "/debug/health").json()
+    finally:
+        server.stop()
+
+
+def test_environment_overrides_the_config(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, 1)  # the file's port is overridden below
+    env = {
+        **os.environ,
+        "REGISTRY_HTTP_ADDR": f"127.0.0.1:{port}",
+        "REGISTRY_STORAGE_DELETE_ENABLED": "false",
+    }
+    proc = subprocess.Popen(
+        [str(BIN / "dockyard"), "registry", "serve", "--config", str(config)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        from tests.integration.conftest import RegistryServer
+
+        server = RegistryServer("dockyard", tmp_path, port, config)
+        digest = push_blob(server, "env/repo", b"x")
+        assert server.request("DELETE", f"/v2/env/repo/blobs/{digest}").status == 405
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("log.level", "loud", "log.level: 'loud' is not valid; valid: error, warn, info, debug"),
+        (
+            "http.tls",
+            {"certificate": "/c", "key": "/k", "minimumtls": "tls1.1"},
+            "http.tls.minimumtls: 'tls1.1' is not allowed",
+        ),
+        (
+            "storage.maintenance.uploadpurging.age",
+            "a week",
+            "storage.maintenance.uploadpurging.age: 'a week' is not a duration",
+        ),
+        ("http.addr", "5000", "http.addr: '5000' is not host:port"),
+    ],
+)
+def test_invalid_config_is_a_clear_error(
+    tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    config = write_config(tmp_path, free_port(), {key: value})
+    proc = subprocess.run(
+        [str(BIN / "dockyard"), "registry", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert message in proc.stderr
+
+
+def test_unknown_key_is_a_warning(tmp_path: Path) -> None:
+    server = make_server("dockyard", tmp_path / "warn", extra={"storage.frobnicate": True})
+    try:
+        assert server.request("GET", "/v2/").status == 200
+        assert server.log_path is not None
+        assert "unknown configuration key storage.frobnicate" in server.log_path.read_text()
+    finally:
+        server.stop()
+
+
+def test_upload_purging_by_age(tmp_path: Path) -> None:
+    server = make_server(
+        "dockyard",
+        tmp_path / "purge",
+        extra={
+            "storage.maintenance.uploadpurging": {
+                "enabled": True,
+                "age": "1s",
+                "interval": "500ms",
+                "dryrun": False,
+            }
+        },
+    )
+    try:
+        start = server.request("POST", "/v2/purge/me/blobs/uploads/")
+        location = start.headers["location"]
+        deadline = time.monotonic() + 10
+        status = 204
+        while time.monotonic() < deadline and status == 204:
+            time.sleep(0.25)
+            status = server.request("GET", location).status
+        assert status == 404
+    finally:
+        server.stop()
