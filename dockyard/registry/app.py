@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import select
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ log = logging.getLogger("dockyard.registry")
 API_VERSION = ("Docker-Distribution-Api-Version", "registry/2.0")
 # Bytes handed to the writer per step while streaming an upload body.
 STREAM_CHUNK = 1024 * 1024
+# Milliseconds a download may wait for the client to read before it is dropped.
+SEND_STALL_MS = 120_000
 # Catalog page size when the client gives no n, and the most it may ask for.
 CATALOG_DEFAULT, CATALOG_MAX = 100, 1000
 # Successful basic-auth checks are remembered (by a hash of the credentials) this long.
@@ -72,6 +75,23 @@ def _error_response(error: RegistryError) -> web.Response:
     if isinstance(error, Unauthorized) and error.detail and "realm" in error.detail:
         headers["WWW-Authenticate"] = f'Basic realm="{error.detail["realm"]}"'
     return _json(error.body(), status=status, headers=headers)
+
+
+def _sendfile(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
+    """Send `count` bytes of a file to a non-blocking socket, waiting with poll on EAGAIN."""
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLOUT)
+    while count > 0:
+        try:
+            sent = os.sendfile(sock_fd, file_fd, offset, count)
+        except BlockingIOError:
+            if not poller.poll(SEND_STALL_MS):
+                raise ConnectionError("client stopped reading") from None
+            continue
+        if sent == 0:
+            raise ConnectionError("client went away during the download")
+        offset += sent
+        count -= sent
 
 
 def _digest_param(value: Optional[str]) -> p.Digest:
@@ -302,9 +322,15 @@ class RegistryApp:
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = length
         await response.prepare(request)
-        if length:
-            await self._send_blob(request, response, digest, start, length)
-        await response.write_eof()
+        try:
+            if length:
+                await self._send_blob(request, response, digest, start, length)
+            await response.write_eof()
+        except (ConnectionError, BrokenPipeError) as exc:
+            # The client went away mid-download: nothing to answer, close the connection.
+            log.info("download of %s cut short: %s", digest, exc)
+            if request.transport is not None:
+                request.transport.close()
         return response
 
     async def _send_blob(
@@ -318,10 +344,20 @@ class RegistryApp:
         loop = asyncio.get_running_loop()
         transport = request.transport
         with self.registry.open_blob(digest) as f:
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if (
+                transport is not None
+                and sock is not None
+                and transport.get_extra_info("sslcontext") is None
+                and transport.get_write_buffer_size() == 0
+            ):
+                # Plain HTTP with the headers already on the wire: sendfile from a worker
+                # thread, so the event loop does not turn once per socket buffer.
+                await asyncio.to_thread(_sendfile, sock.fileno(), f.fileno(), start, length)
+                return
             if transport is not None:
                 try:
-                    # Zero-copy where the transport allows it (plain HTTP); asyncio falls back
-                    # to reads and writes by itself under TLS.
+                    # asyncio's own sendfile, which falls back to reads and writes under TLS.
                     await loop.sendfile(transport, f, start, length)
                     return
                 except NotImplementedError:
@@ -352,13 +388,36 @@ class RegistryApp:
     async def _stream_into(
         self, request: web.Request, name: str, upload_id: str, start: Optional[int]
     ) -> int:
+        loop = asyncio.get_running_loop()
         with self.registry.append_upload(name, upload_id, start) as appender:
             before = appender.size
+            # Pipeline: a worker thread hashes and writes one batch (hashlib and file writes
+            # release the GIL) while the event loop receives the next one.
+            writing: Optional[asyncio.Future[None]] = None
+            batch: list[bytes] = []
+            batched = 0
             try:
-                async for chunk in request.content.iter_chunked(STREAM_CHUNK):
-                    appender.write(chunk)
+                while True:
+                    chunk = await request.content.readany()
+                    if chunk:
+                        batch.append(chunk)
+                        batched += len(chunk)
+                    if batched >= STREAM_CHUNK or (not chunk and batch):
+                        if writing is not None:
+                            await writing
+                        if not chunk and writing is None:
+                            # A small body in one batch: no thread hop for it.
+                            appender.write_many(batch)
+                        else:
+                            writing = loop.run_in_executor(None, appender.write_many, batch)
+                        batch, batched = [], 0
+                    if not chunk:
+                        break
             except (ConnectionResetError, asyncio.IncompleteReadError) as exc:
                 raise BlobUploadInvalid(message="upload body was cut short") from exc
+            finally:
+                if writing is not None:
+                    await writing
             return appender.size - before
 
     def _check_length(self, request: web.Request, received: int) -> None:

@@ -168,8 +168,9 @@ class Registry:
     # ---- uploads -------------------------------------------------------------------------
     def start_upload(self, name: str) -> UploadStatus:
         upload_id = str(uuid.uuid4())
+        # Not fsynced: an upload whose start time a power cut loses is purged as stale.
         self.driver.put_content(
-            p.path_for(p.UploadStartedAt(name, upload_id)), _now_rfc3339().encode()
+            p.path_for(p.UploadStartedAt(name, upload_id)), _now_rfc3339().encode(), durable=False
         )
         writer = self.driver.writer(p.path_for(p.UploadData(name, upload_id)))
         writer.close()
@@ -476,6 +477,13 @@ class UploadAppender:
     def write(self, data: bytes) -> None:
         self._writer.write(data)
         self._state.hasher.update(data)
+        self._state.offset = self._writer.size
+
+    def write_many(self, chunks: list[bytes]) -> None:
+        """Write and hash a batch of chunks in order (run in a worker thread)."""
+        for data in chunks:
+            self._writer.write(data)
+            self._state.hasher.update(data)
         self._state.offset = self._writer.size
 
 

@@ -1,0 +1,329 @@
+"""Registry benchmark: dockyard's registry and CNCF distribution (Debian's docker-registry) side by
+side on loopback, each with a fresh storage root on the same disk, the same client and the same
+blobs. Prints push and pull MB/s of each for 1, 64 and 256 MiB blobs at concurrency 1 and 8,
+manifest GET requests/s, and the ratios dockyard / distribution.
+
+Every loop is bounded (a fixed number of uploads, downloads and requests); traffic goes only to
+127.0.0.1. Usage: python benchmarks/registry.py [--quick]"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+BIN = Path(sys.executable).parent
+MIB = 1024 * 1024
+# Bytes per send/recv step of the client (large, so the client is not what is measured).
+CLIENT_BLOCK = 4 * MIB
+# (blob size in MiB, concurrency, uploads in all); downloads repeat the same blobs.
+SCENARIOS_FULL = [(1, 1, 64), (1, 8, 128), (64, 1, 6), (64, 8, 16), (256, 1, 3), (256, 8, 8)]
+SCENARIOS_QUICK = [(1, 1, 16), (1, 8, 32), (64, 1, 2), (64, 8, 8)]
+MANIFEST_REQUESTS = 3000
+MANIFEST_THREADS = 8
+
+
+@dataclass
+class Server:
+    kind: str
+    port: int
+    root: Path
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(kind: str, base: Path) -> Server:
+    port = _free_port()
+    root = base / kind
+    root.mkdir(parents=True)
+    config = root / "config.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "version": 0.1,
+                "log": {"level": "error", "accesslog": {"disabled": True}},
+                "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+                "http": {"addr": f"127.0.0.1:{port}"},
+            }
+        )
+    )
+    cmd = (
+        [str(BIN / "dockyard"), "registry", "serve", "--config", str(config)]
+        if kind == "dockyard"
+        else ["docker-registry", "serve", str(config)]
+    )
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - owned by the process
+    process = subprocess.Popen(cmd, stdout=log, stderr=log)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return Server(kind, port, root, process)
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise SystemExit(f"{kind} did not start: {(root / 'server.log').read_text()[-1000:]}")
+
+
+def _conn(port: int) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=300, blocksize=CLIENT_BLOCK)
+
+
+def _path(location: str) -> str:
+    if "://" in location:
+        return "/" + location.split("://", 1)[1].split("/", 1)[1]
+    return location
+
+
+def push(port: int, repo: str, blob: Path, digest: str) -> None:
+    conn = _conn(port)
+    try:
+        conn.request("POST", f"/v2/{repo}/blobs/uploads/")
+        reply = conn.getresponse()
+        reply.read()
+        location = _path(reply.headers["Location"])
+        with open(blob, "rb") as f:
+            conn.request(
+                "PATCH",
+                location,
+                body=f,
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Length": str(blob.stat().st_size),
+                },
+            )
+            reply = conn.getresponse()
+            reply.read()
+        assert reply.status == 202, reply.status
+        location = _path(reply.headers["Location"])
+        sep = "&" if "?" in location else "?"
+        conn.request("PUT", f"{location}{sep}digest={digest}", headers={"Content-Length": "0"})
+        reply = conn.getresponse()
+        reply.read()
+        assert reply.status == 201, (reply.status, reply.read())
+    finally:
+        conn.close()
+
+
+def pull(port: int, repo: str, digest: str, size: int) -> None:
+    """GET a blob over a raw socket into one reused buffer: the least client work per byte."""
+    with socket.create_connection(("127.0.0.1", port), timeout=300) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_BLOCK)
+        sock.sendall(
+            f"GET /v2/{repo}/blobs/{digest} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        buffer = bytearray(CLIENT_BLOCK)
+        view = memoryview(buffer)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            n = sock.recv_into(view)
+            if not n:
+                raise AssertionError("connection closed before the headers ended")
+            head += bytes(view[:n])
+        header, _, rest = head.partition(b"\r\n\r\n")
+        status = int(header.split(b" ", 2)[1])
+        assert status == 200, status
+        got = len(rest)
+        while got < size:
+            n = sock.recv_into(view)
+            if not n:
+                break
+            got += n
+        assert got == size, (got, size)
+
+
+def _parallel(jobs: list[Callable[[], None]], concurrency: int) -> float:
+    lock = threading.Lock()
+    pending = list(jobs)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not pending or errors:
+                    return
+                job = pending.pop()
+            try:
+                job()
+            except BaseException as exc:  # noqa: BLE001 - reported after the run
+                with lock:
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - started
+
+
+def make_blobs(base: Path, size_mib: int, count: int) -> list[tuple[Path, str]]:
+    """`count` distinct blobs of the size (distinct, so no registry can skip a write)."""
+    out = []
+    seed = os.urandom(MIB)
+    for i in range(count):
+        path = base / f"blob-{size_mib}-{i}"
+        hasher = hashlib.sha256()
+        with open(path, "wb") as f:
+            for j in range(size_mib):
+                chunk = (i * 100_003 + j).to_bytes(8, "little") + seed[8:]
+                f.write(chunk)
+                hasher.update(chunk)
+        out.append((path, "sha256:" + hasher.hexdigest()))
+    return out
+
+
+def bench_manifest_get(port: int) -> float:
+    config = b"{}"
+    digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    tmp = Path(tempfile.mkstemp()[1])
+    tmp.write_bytes(config)
+    push(port, "bench/manifest", tmp, digest)
+    tmp.unlink()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.empty.v1+json",
+                "digest": digest,
+                "size": 2,
+            },
+            "layers": [],
+        }
+    ).encode()
+    conn = _conn(port)
+    conn.request(
+        "PUT",
+        "/v2/bench/manifest/manifests/latest",
+        body=manifest,
+        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    assert conn.getresponse().read() is not None
+    conn.close()
+    per_thread = MANIFEST_REQUESTS // MANIFEST_THREADS
+
+    def worker() -> None:
+        c = _conn(port)
+        for _ in range(per_thread):
+            c.request(
+                "GET",
+                "/v2/bench/manifest/manifests/latest",
+                headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+            )
+            r = c.getresponse()
+            r.read()
+            assert r.status == 200
+        c.close()
+
+    elapsed = _parallel([worker] * MANIFEST_THREADS, MANIFEST_THREADS)
+    return per_thread * MANIFEST_THREADS / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller run (no 256 MiB blobs)")
+    parser.add_argument("--dir", default=None, help="scratch directory (default: /var/tmp)")
+    args = parser.parse_args()
+    if shutil.which("docker-registry") is None:
+        raise SystemExit("docker-registry is not installed: run `make engine`")
+    scenarios = SCENARIOS_QUICK if args.quick else SCENARIOS_FULL
+    base = Path(tempfile.mkdtemp(prefix="dockyard-bench-", dir=args.dir or "/var/tmp"))
+    servers = {}
+    try:
+        servers = {kind: start(kind, base / "servers") for kind in ("dockyard", "distribution")}
+        blobs_dir = base / "blobs"
+        blobs_dir.mkdir()
+        print(
+            f"{'blob':>8} {'conc':>4} | {'push MB/s':>20} {'ratio':>6} | "
+            f"{'pull MB/s':>20} {'ratio':>6}"
+        )
+        print(
+            f"{'':>8} {'':>4} | {'dockyard':>10}{'distrib':>10} {'':>6} | "
+            f"{'dockyard':>10}{'distrib':>10}"
+        )
+        push_ratios: list[float] = []
+        pull_ratios: list[float] = []
+        for size_mib, concurrency, count in scenarios:
+            blobs = make_blobs(blobs_dir, size_mib, count)
+            total = size_mib * count * MIB / 1e6
+            rates: dict[str, tuple[float, float]] = {}
+            # alternate the order so neither registry always runs on a warmer page cache
+            order = ["dockyard", "distribution"]
+            if len(push_ratios) % 2:
+                order.reverse()
+            for kind in order:
+                # every push starts with no dirty pages of the previous phase left to write back
+                os.sync()
+                port = servers[kind].port
+                repo = f"bench/s{size_mib}c{concurrency}"
+                t_push = _parallel(
+                    [functools.partial(push, port, repo, b, d) for b, d in blobs], concurrency
+                )
+                t_pull = _parallel(
+                    [functools.partial(pull, port, repo, d, size_mib * MIB) for _, d in blobs],
+                    concurrency,
+                )
+                rates[kind] = (total / t_push, total / t_pull)
+            for path, _ in blobs:
+                path.unlink()
+            push_ratio = rates["dockyard"][0] / rates["distribution"][0]
+            pull_ratio = rates["dockyard"][1] / rates["distribution"][1]
+            push_ratios.append(push_ratio)
+            pull_ratios.append(pull_ratio)
+            print(
+                f"{size_mib:>5}MiB {concurrency:>4} | {rates['dockyard'][0]:>10.0f}"
+                f"{rates['distribution'][0]:>10.0f} {push_ratio:>5.2f}x | "
+                f"{rates['dockyard'][1]:>10.0f}{rates['distribution'][1]:>10.0f} "
+                f"{pull_ratio:>5.2f}x",
+                flush=True,
+            )
+        gets = {kind: bench_manifest_get(servers[kind].port) for kind in servers}
+        print(
+            f"manifest GET req/s: dockyard {gets['dockyard']:.0f}, distribution "
+            f"{gets['distribution']:.0f}, ratio {gets['dockyard'] / gets['distribution']:.2f}x"
+        )
+        print(
+            f"lowest ratios: push {min(push_ratios):.2f}x, pull {min(pull_ratios):.2f}x "
+            f"(targets: push >= 2x, pull >= 1x, manifest GET >= 1x)"
+        )
+    finally:
+        for server in servers.values():
+            server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
