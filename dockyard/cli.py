@@ -7,10 +7,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from dockyard import __version__, defaults
 from dockyard.lab import down, status, up
 from dockyard.lab.docker import DockerError
+
+if TYPE_CHECKING:
+    from dockyard.layers.store import ImageStore
 
 
 def _releases(value: str) -> list[str]:
@@ -77,7 +81,183 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds an unreferenced blob is kept after it was written (default: 3600)",
     )
+    _layer_commands(sub)
     return parser
+
+
+def _layer_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", help="store root (default: $DOCKYARD_ROOT or /var/lib/dockyard)")
+    common.add_argument(
+        "--driver",
+        choices=["overlay", "vfs"],
+        help="graph driver (default: overlay where the kernel has it and we are root, else vfs)",
+    )
+    net = argparse.ArgumentParser(add_help=False)
+    net.add_argument("--insecure", action="store_true", help="allow plain HTTP off loopback")
+    net.add_argument("--ca-file", help="CA certificate (default: certs.d/<host:port>/ca.crt)")
+    net.add_argument("--username", help="registry user (default: ~/.docker/config.json)")
+    net.add_argument("--password-stdin", action="store_true", help="read the password on stdin")
+
+    image = sub.add_parser("image", help="images in the layer store")
+    isub = image.add_subparsers(dest="image_command", required=True)
+    p = isub.add_parser("pull", parents=[common, net], help="pull an image from a registry")
+    p.add_argument("ref")
+    p.add_argument("--platform", default="linux/amd64")
+    p = isub.add_parser("push", parents=[common, net], help="push an image to a registry")
+    p.add_argument("ref", help="destination host[:port]/repo:tag")
+    p.add_argument("--from", dest="source", help="local image to push (default: the ref itself)")
+    isub.add_parser("ls", parents=[common], help="list images")
+    p = isub.add_parser("history", parents=[common], help="an image's layers, newest first")
+    p.add_argument("ref")
+    p = isub.add_parser("rm", parents=[common], help="untag/remove an image, free unused layers")
+    p.add_argument("ref")
+    p = isub.add_parser("export", parents=[common], help="write an image archive")
+    p.add_argument("ref")
+    p.add_argument("path")
+    p.add_argument("--format", choices=["oci", "docker-archive"], default="oci")
+    p = isub.add_parser("import", parents=[common], help="read an OCI layout or docker-archive")
+    p.add_argument("path")
+    p.add_argument("--tag", help="tag for the imported image")
+
+    container = sub.add_parser("container", help="containers: a writable layer over an image")
+    csub = container.add_subparsers(dest="container_command", required=True)
+    p = csub.add_parser("create", parents=[common], help="create a container from an image")
+    p.add_argument("image")
+    p.add_argument("name")
+    for verb, text in (
+        ("mount", "mount the rootfs (prints its path last)"),
+        ("umount", "unmount the rootfs"),
+        ("rm", "remove the container"),
+    ):
+        p = csub.add_parser(verb, parents=[common], help=text)
+        p.add_argument("name")
+    p = csub.add_parser("commit", parents=[common], help="the container's changes as a new image")
+    p.add_argument("name")
+    p.add_argument("ref")
+    p.add_argument("-m", "--message", default="")
+    p.add_argument("--author", default="")
+    csub.add_parser("ls", parents=[common], help="list containers")
+
+    store = sub.add_parser("store", help="the store as a whole")
+    ssub = store.add_subparsers(dest="store_command", required=True)
+    ssub.add_parser("du", parents=[common], help="disk use, and what is shared")
+    ssub.add_parser("fsck", parents=[common], help="re-verify every digest")
+
+
+def _store(args: argparse.Namespace) -> ImageStore:
+    from dockyard.layers.store import ImageStore
+
+    return ImageStore(args.root, args.driver)
+
+
+def _client_factory(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from dockyard.client.registry import RegistryClient
+
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
+
+    def make(host: str) -> RegistryClient:
+        return RegistryClient(
+            host,
+            insecure=args.insecure,
+            ca_file=args.ca_file,
+            username=args.username,
+            password=password,
+        )
+
+    return make
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.1f}{unit}" if unit != "B" else f"{int(size)}B"
+        size /= 1000
+    return f"{size:.1f}GB"
+
+
+def _image(args: argparse.Namespace) -> int:
+    from dockyard.client import registry as client
+    from dockyard.layers import archive
+
+    store = _store(args)
+    cmd = args.image_command
+    if cmd == "pull":
+        image_id = client.pull(store, args.ref, _client_factory(args), platform=args.platform)
+        print(f"Pulled {args.ref}\nImage {image_id}")
+    elif cmd == "push":
+        digest = client.push(store, args.ref, _client_factory(args), source_ref=args.source)
+        print(f"Pushed {args.ref}: digest: {digest}")
+    elif cmd == "ls":
+        print(f"{'REFERENCE':50} {'IMAGE ID':19} {'LAYERS':>6} {'SIZE':>9}")
+        for image in store.images():
+            size = sum(layer.size for layer in image.layers)
+            for tag in image.tags or ["<none>"]:
+                print(f"{tag:50} {image.id[7:19]:19} {len(image.layers):>6} {_human(size):>9}")
+    elif cmd == "history":
+        print(f"{'LAYER':19} {'SIZE':>9}  {'CREATED BY':45} COMMENT")
+        for row in store.history(args.ref):
+            layer = row["layer"][7:19] if row["layer"].startswith("sha256:") else row["layer"]
+            print(
+                f"{layer:19} {_human(row['size']):>9}  {row['created_by'][:45]:45} {row['comment']}"
+            )
+    elif cmd == "rm":
+        removed = store.remove_image(args.ref)
+        print(f"Untagged {args.ref}")
+        for item in removed:
+            print(f"Deleted {item}")
+    elif cmd == "export":
+        archive.export_image(store, args.ref, args.path, args.format)
+        print(f"Exported {args.ref} to {args.path} ({args.format})")
+    elif cmd == "import":
+        image = archive.import_image(store, args.path, args.tag)
+        print(f"Imported {image.id}" + (f" as {args.tag}" if args.tag else ""))
+    return 0
+
+
+def _container(args: argparse.Namespace) -> int:
+    store = _store(args)
+    cmd = args.container_command
+    if cmd == "create":
+        meta = store.create_container(args.image, args.name)
+        print(f"Created {meta['name']} from {meta['ref']} ({meta['driver']})")
+    elif cmd == "mount":
+        print(store.mount(args.name))
+    elif cmd == "umount":
+        store.umount(args.name)
+        print(f"Unmounted {args.name}")
+    elif cmd == "rm":
+        store.remove_container(args.name)
+        print(f"Removed {args.name}")
+    elif cmd == "commit":
+        image = store.commit(args.name, args.ref, args.message, args.author)
+        print(f"Committed {args.name} as {args.ref}\nImage {image.id}")
+    elif cmd == "ls":
+        print(f"{'NAME':24} {'IMAGE':50} {'DRIVER':8} CREATED")
+        for c in store.containers():
+            print(f"{c['name']:24} {c['ref'][:50]:50} {c['driver']:8} {c['created']}")
+    return 0
+
+
+def _store_cmd(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.store_command == "du":
+        usage = store.disk_usage()
+        print(f"{'LAYER':19} {'IMAGES':>6} {'SIZE':>9}")
+        for layer in usage["layers"]:
+            print(f"{layer['chain_id'][7:19]:19} {layer['images']:>6} {_human(layer['bytes']):>9}")
+        for c in usage["containers"]:
+            print(f"container {c['name']}: {_human(c['bytes'])} written")
+        print(
+            f"layers: {_human(usage['total_layer_bytes'])}, shared by more than one image: "
+            f"{_human(usage['shared_bytes'])}"
+        )
+        return 0
+    damage = store.fsck()
+    for line in damage:
+        print(f"DAMAGED {line}")
+    print(f"fsck: {len(damage)} problem(s)" if damage else "fsck: every digest verified")
+    return 1 if damage else 0
 
 
 def _lab(args: argparse.Namespace) -> int:
@@ -127,6 +307,14 @@ def _registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_errors() -> tuple[type[Exception], ...]:
+    from dockyard.client.registry import ClientError
+    from dockyard.layers.store import StoreError
+    from dockyard.layers.tarsafe import LayerError
+
+    return (ClientError, StoreError, LayerError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -134,7 +322,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _lab(args)
         if args.command == "registry":
             return _registry(args)
+        if args.command == "image":
+            return _image(args)
+        if args.command == "container":
+            return _container(args)
+        if args.command == "store":
+            return _store_cmd(args)
     except (DockerError, ValueError, OSError) as exc:
+        print(f"dockyard: error: {exc}", file=sys.stderr)
+        return 1
+    except _layer_errors() as exc:
         print(f"dockyard: error: {exc}", file=sys.stderr)
         return 1
     return 2

@@ -1,0 +1,1 @@
+"""Clients of Distribution registries (pull and push for the layer store)."""
