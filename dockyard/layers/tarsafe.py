@@ -219,6 +219,10 @@ class _Applier:
                         "inside the layer"
                     )
                 os.link(target, path, follow_symlinks=False)
+                # a hard link shares its target's inode: its own header must not change it
+                self.created.add(rel)
+                self.files += 1
+                return
             elif info.ischr() or info.isblk():
                 if not self.privileged:
                     self.skipped.append(rel)
