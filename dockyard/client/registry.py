@@ -90,7 +90,10 @@ def parse_reference(ref: str) -> Reference:
 
 
 def _is_loopback(host: str) -> bool:
-    name = host.rsplit(":", 1)[0].strip("[]") if host.count(":") <= 1 else host.strip("[]")
+    if host.startswith("["):
+        name = host[1 : host.find("]")]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     if name == "localhost":
         return True
     try:
@@ -183,6 +186,8 @@ class RegistryClient:
             conn.getresponse().read()
             conn.close()
             return "https"
+        except ssl.SSLCertVerificationError:
+            return "https"  # it speaks TLS: an untrusted certificate is an error, not HTTP
         except (ssl.SSLError, OSError, http.client.HTTPException):
             return "http"
 
@@ -264,8 +269,14 @@ class RegistryClient:
             all_headers = {**(headers or {}), **self._authorization(scope)}
             if hasattr(body, "seek") and attempt:
                 body.seek(0)
-            conn.request(method, path, body=body, headers=all_headers)
-            reply = conn.getresponse()
+            try:
+                conn.request(method, path, body=body, headers=all_headers)
+                reply = conn.getresponse()
+            except ssl.SSLCertVerificationError as exc:
+                raise ClientError(
+                    f"the TLS certificate of {self.host} is not trusted ({exc.verify_message}): "
+                    f"put its CA in {CERTS_D}/{self.host}/ca.crt or give --ca-file"
+                ) from exc
             if reply.status == 401 and attempt == 0:
                 challenge = reply.headers.get("WWW-Authenticate", "")
                 reply.read()
