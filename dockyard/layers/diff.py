@@ -38,7 +38,9 @@ def _xattrs(path: str) -> dict[str, str]:
 def write_layer(changes: Iterable[Change], root: str, out: IO[bytes]) -> int:
     """Write the layer tar for `changes` (paths relative to `root`) to `out`; entry count."""
     count = 0
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(
+        fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=1024 * 1024
+    ) as tar:
         for change in changes:
             parent, name = posixpath.split(change.path)
             if change.kind == "D":

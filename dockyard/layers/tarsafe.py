@@ -272,7 +272,7 @@ def apply_layer(source: IO[bytes], target: str, overlay: bool = False) -> ApplyR
         stream, compression = decompressed(raw)  # type: ignore[arg-type]
         plain = HashingReader(stream)
         applier = _Applier(target, overlay)
-        with tarfile.open(fileobj=plain, mode="r|") as tar:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=plain, mode="r|", bufsize=COPY_CHUNK) as tar:  # type: ignore[call-overload]
             for info in tar:
                 applier.member(tar, info)
         plain.drain()

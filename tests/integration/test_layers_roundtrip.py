@@ -387,3 +387,42 @@ def test_reference_needs_a_registry_host() -> None:
         parse_reference("library/debian:12")
     ref = parse_reference("127.0.0.1:5000/lib/app:2")
     assert (ref.host, ref.repository, ref.tag) == ("127.0.0.1:5000", "lib/app", "2")
+
+
+def test_push_to_another_repository_mounts_known_layers(source_image: str, tmp_path: Path) -> None:
+    server = make_server("dockyard", tmp_path / "reg")
+    try:
+        ref = f"{server.address}/rt/origin:1"
+        run(
+            "skopeo",
+            "copy",
+            "--dest-tls-verify=false",
+            f"docker-daemon:{source_image}",
+            f"docker://{ref}",
+        )
+        root = tmp_path / "store"
+        dockyard(root, "image", "pull", ref, "--driver", "vfs")
+        proc = subprocess.run(
+            [
+                str(BIN / "dockyard"),
+                "image",
+                "push",
+                f"{server.address}/rt/copy:1",
+                "--from",
+                ref,
+                "--root",
+                str(root),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "Mounted from rt/origin" in proc.stderr
+        copy = server.request("GET", "/v2/rt/copy/manifests/1")
+        assert copy.status == 200
+        for layer in copy.json()["layers"]:
+            assert server.request("HEAD", f"/v2/rt/copy/blobs/{layer['digest']}").status == 200
+    finally:
+        server.stop()
