@@ -43,6 +43,7 @@ test: venv engine lint
 bench: venv engine
 	$(BIN)/python benchmarks/deploy.py
 	$(BIN)/python benchmarks/registry.py
+	$(BIN)/python benchmarks/layers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
