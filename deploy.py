@@ -6,9 +6,28 @@ from pyinfra import host
 from deploys.docker_daemon import configure_docker_daemon
 from deploys.docker_engine import install_docker_engine
 from deploys.docker_storage import configure_docker_storage
+from deploys.dockyard_core import install_dockyard_core
+from deploys.nfs_client import configure_nfs_client
+from deploys.nfs_server import configure_nfs_server
+from deploys.registry import configure_registry
+from deploys.registry_pki import install_registry_certificate
+from deploys.registry_trust import configure_registry_trust
 
-# Tier 1 — graph-driver storage, on every Docker host.
+# Tier 1 — graph-driver storage, and registry trust in the same daemon.json.
 if "docker_hosts" in host.groups:
     install_docker_engine()
     configure_docker_storage()
+    configure_registry_trust()
     configure_docker_daemon()
+
+# The bundled core (layer store, registry) on every host.
+install_dockyard_core()
+
+# Tier 2 — persistent volumes.
+if "storage" in host.groups:
+    configure_nfs_server()
+configure_nfs_client()
+
+# Tier 3 — the TLS registry, its data on the NFS-backed path.
+if "registry" in host.groups:
+    configure_registry(restart_on=install_registry_certificate())

@@ -1,5 +1,5 @@
 """The one owner of /etc/docker/daemon.json: merges the keys every concern contributes (storage
-driver now; registry trust later) with the keys set by hand, writes the file once, validates it,
+driver, insecure registries) with the keys set by hand, writes the file once, validates it,
 restarts the engine only on change and rolls back when the engine does not come up."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from pyinfra.api import deploy
 
-from deploys import docker_storage
+from deploys import docker_storage, registry_trust
 from deploys.operations import daemon_json
 
 DEFAULTS: dict[str, Any] = {
@@ -17,13 +17,15 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def managed_keys() -> dict[str, Any]:
-    """Every key dockyard manages in daemon.json for the current host (None removes a key)."""
+def managed_keys(current: dict[str, Any]) -> dict[str, Any]:
+    """Every key dockyard manages in daemon.json for the current host (None removes a key):
+    the storage driver's, and the registry trust's insecure-registries."""
     keys: dict[str, Any] = {}
     try:
         keys.update(docker_storage.current_plan().daemon_keys())
     except docker_storage.StorageRefused:
         pass
+    keys.update(registry_trust.daemon_keys(current))
     return keys
 
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from pyinfra import host
 from pyinfra.api import deploy, operation
-from pyinfra.operations import apt, dnf, files, yum
+from pyinfra.operations import apt, dnf, files, systemd, yum
 
 from deploys import docker_engine
 from deploys.common import Distro, current_distro, unsupported
@@ -348,13 +348,14 @@ def configure_docker_storage() -> None:
             packages=[package],
         )
     options = "defaults,loop" if plan.device_is_file else "defaults"
-    files.line(
+    fstab = files.line(
         name=f"Mount {plan.device} at {plan.data_root} at boot (fstab)",
         path="/etc/fstab",
         line=rf"^\S+\s+{re.escape(plan.data_root)}\s+.*$",
         replace=f"{plan.device} {plan.data_root} {plan.device_fs} {options} 0 0",
         extended_regex=True,
     )
+    systemd.daemon_reload(name="Reload systemd for the new fstab", _if=fstab.did_change)
     data_root_device(
         name=f"Give the data root {plan.data_root} its {plan.device_fs} backing store",
         device=plan.device,

@@ -234,3 +234,41 @@ class BlockDevice(FactBase[BlockDeviceDict]):
             elif line not in mounts:
                 mounts.append(line)
         return {"exists": True, "fstype": fstype, "mountpoints": mounts}
+
+
+class KernelNfsDict(TypedDict):
+    server: bool
+    client: bool
+
+
+class KernelNfs(FactBase[KernelNfsDict]):
+    """
+    Whether the kernel can serve NFS (the nfsd filesystem type) and mount it (nfs/nfs4): built in
+    or a loadable module. An empty /proc/fs/nfsd directory alone does not count (seen on kernels
+    without nfsd). Lab containers on a kernel without NFS answer no to both.
+
+    .. code:: python
+
+        # server=module client=yes
+        {"server": True, "client": True}
+    """
+
+    def command(self) -> str:
+        return (
+            "s=no; c=no; grep -qw nfsd /proc/filesystems && s=yes; "
+            "[ $s = no ] && modprobe -n -q nfsd 2>/dev/null && s=module; "
+            "grep -qwE 'nfs|nfs4' /proc/filesystems && c=yes; "
+            "[ $c = no ] && modprobe -n -q nfs 2>/dev/null && c=module; "
+            'echo "server=$s client=$c"'
+        )
+
+    @staticmethod
+    def default() -> KernelNfsDict:
+        return {"server": False, "client": False}
+
+    def process(self, output) -> KernelNfsDict:
+        fields = dict(part.split("=", 1) for part in " ".join(output).split() if "=" in part)
+        return {
+            "server": fields.get("server", "no") != "no",
+            "client": fields.get("client", "no") != "no",
+        }

@@ -115,7 +115,7 @@ def apply_script(path: str, staged: str, expect_driver: str, timeout: int) -> st
 
 @operation()
 def daemon_json(
-    keys: Callable[[], dict[str, Any]],
+    keys: Callable[[dict[str, Any]], dict[str, Any]],
     expect_driver: Callable[[], Optional[str]],
     path: str = "/etc/docker/daemon.json",
 ):
@@ -123,13 +123,14 @@ def daemon_json(
     Merge managed keys into daemon.json, validate, restart the engine only on change, verify the
     storage driver it reports and roll back to the previous file when it does not come up.
 
-    + keys: returns the managed keys (None removes a key); called when the operation runs
+    + keys: given the current content, returns the managed keys (None removes a key); called
+      when the operation runs
     + expect_driver: returns the storage driver `docker info` must report afterwards
     + path: the daemon configuration file
 
     .. code:: python
 
-        daemon_json(keys=lambda: {"storage-driver": "overlay2"},
+        daemon_json(keys=lambda current: {"storage-driver": "overlay2"},
                     expect_driver=lambda: "overlay2")
     """
     current = host.get_fact(JsonFile, path=path)
@@ -139,7 +140,7 @@ def daemon_json(
             "fix or remove it, then deploy again"
         )
         return
-    wanted = keys()
+    wanted = keys(current["content"] or {})
     driver = expect_driver()
     if driver is None:
         host.noop(f"{path} left as it is: the storage configuration was refused")

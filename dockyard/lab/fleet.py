@@ -152,10 +152,20 @@ def _address(name: str) -> str:
     return out.split()[0] if out.split() else ""
 
 
+# Volumes of every lab host: the inner engine's data root, and /srv on a real filesystem
+# (nfs-ganesha's VFS backend needs file handles, which the container's overlay root lacks).
+HOST_VOLUMES: tuple[tuple[str, str], ...] = (("docker", "/var/lib/docker"), ("srv", "/srv"))
+
+
 def _start_host(name: str, release: str, groups: Sequence[str], image: str) -> None:
-    volume = f"{name}-docker"
-    if not docker_ok("volume", "inspect", volume):
-        docker("volume", "create", "--label", f"{defaults.LAB_LABEL}={defaults.LAB_NAME}", volume)
+    mounts = []
+    for suffix, target in HOST_VOLUMES:
+        volume = f"{name}-{suffix}"
+        if not docker_ok("volume", "inspect", volume):
+            docker(
+                "volume", "create", "--label", f"{defaults.LAB_LABEL}={defaults.LAB_NAME}", volume
+            )
+        mounts += ["-v", f"{volume}:{target}"]
     docker(
         "run",
         "-d",
@@ -172,8 +182,7 @@ def _start_host(name: str, release: str, groups: Sequence[str], image: str) -> N
         "--label",
         f"{defaults.LAB_LABEL}.groups={','.join(groups)}",
         *_RUN_FLAGS,
-        "-v",
-        f"{volume}:/var/lib/docker",
+        *mounts,
         image,
     )
 

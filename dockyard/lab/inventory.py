@@ -3,10 +3,20 @@ connector) with strict host-key checking against the lab's known_hosts."""
 
 from __future__ import annotations
 
+import os
+import secrets
 from typing import Any
 
+from dockyard import defaults
 from dockyard.lab.docker import DockerError
 from dockyard.lab.fleet import status
+
+# The exported directory on the storage host (on the /srv volume: ganesha needs file handles).
+LAB_EXPORT = "/srv/exports/registry"
+# Where the other hosts mount it (fstab only: the lab kernel has no NFS client).
+LAB_MOUNT = "/mnt/registry"
+# The registry's user in the lab (its password is made once, in the lab's state directory).
+LAB_REGISTRY_USER = "fleet"
 
 # Host data of the lab's btrfs host: a sparse loop file formatted btrfs under the data root.
 BTRFS_HOST_DATA: dict[str, Any] = {
@@ -16,11 +26,34 @@ BTRFS_HOST_DATA: dict[str, Any] = {
 }
 
 
+def _lab_secret(name: str) -> str:
+    """A random secret kept in the lab's state directory (0600), made once."""
+    path = defaults.lab_state_dir() / f"{defaults.LAB_NAME}.{name}"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(18))
+    return path.read_text().strip()
+
+
 def lab_groups() -> dict[str, list[tuple[str, dict[str, Any]]]]:
-    """Inventory groups {group: [(name, data), ...]} of the running lab hosts."""
+    """Inventory groups {group: [(name, data), ...]} of the running lab hosts.
+
+    Topology: the first host is the NFS server (nfs-ganesha: the kernel has no nfsd) and runs
+    the registry with its data in the exported directory; the others get fstab entries for the
+    export (only written: no NFS client in the kernel) and libnfs-utils to reach it."""
     hosts = [h for h in status() if h.state == "running"]
     if not hosts:
         raise DockerError("no running lab hosts: run `dockyard lab up` (or `make deploy`) first")
+    storage = next((h for h in hosts if "storage" in h.groups), hosts[0])
+    export = LAB_EXPORT
+    common: dict[str, Any] = {
+        "registry_pki_dir": str(defaults.lab_state_dir() / f"{defaults.LAB_NAME}-pki"),
+        "registry_users": {LAB_REGISTRY_USER: _lab_secret("registry-password")},
+        "nfs_server_exports": [{"path": export}],
+        "registry_data_dir": export,
+    }
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for index, lab_host in enumerate(hosts):
         data: dict[str, Any] = {
@@ -32,7 +65,11 @@ def lab_groups() -> dict[str, list[tuple[str, dict[str, Any]]]]:
             "ssh_allow_agent": False,
             "ssh_look_for_keys": False,
             "lab_release": lab_host.release,
+            **common,
         }
+        if lab_host.name != storage.name:
+            data["nfs_client_mounts"] = [{"src": f"{storage.address}:{export}", "path": LAB_MOUNT}]
+            data["nfs_client_extra_packages"] = ["libnfs-utils"]
         if index == len(hosts) - 1 and len(hosts) > 1:
             data.update(BTRFS_HOST_DATA)
         for group in lab_host.groups:

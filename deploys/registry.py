@@ -1,0 +1,204 @@
+"""The fleet's TLS registry on `registry` hosts: the bundled core (`dockyard registry serve`) as a
+systemd service, with `config.yml` from a template (storage root, delete, headers, health,
+htpasswd auth when users are given), the certificate and key from `registry_pki`, and its data on
+the NFS-backed path. A registry whose storage is declared NFS-backed is never started on a path
+that is neither an export of this host nor an NFS mount (it would write to the local disk)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Optional, cast
+
+from pyinfra import host
+from pyinfra.api import DeployError, deploy, operation
+from pyinfra.facts.files import FileContents
+from pyinfra.facts.server import Mounts
+from pyinfra.operations import files, systemd
+
+from deploys import nfs_server
+from deploys.common import current_distro
+from deploys.dockyard_core import venv_bin
+from deploys.operations import fail_command
+from deploys.registry_trust import DEFAULTS as TRUST_DEFAULTS
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+DEFAULTS: dict[str, Any] = {
+    # The registry's data directory: on the storage host an exported path, elsewhere an NFS mount.
+    "registry_data_dir": "/srv/exports/registry",
+    # Refuse to start unless registry_data_dir is an export of this host or an NFS mount.
+    "registry_nfs_backed": True,
+    # Users and passwords for htpasswd (bcrypt) auth; empty: no auth.
+    "registry_users": {},
+    # Realm of the basic-auth challenge.
+    "registry_realm": "dockyard",
+    # Allow DELETE of manifests and blobs.
+    "registry_delete_enabled": False,
+    # Require client certificates signed by the fleet CA (mutual TLS).
+    "registry_client_certs": False,
+    # Log level of the registry (error, warn, info, debug).
+    "registry_log_level": "info",
+    # Where config.yml and htpasswd live on the registry host.
+    "registry_config_dir": "/etc/dockyard/registry",
+}
+
+
+@operation()
+def require_nfs_backed(path: str, exported: bool):
+    """
+    Fail the host unless `path` is an export of this host or an NFS mount.
+
+    + path: the registry's data directory
+    + exported: whether the path lies in one of this host's NFS exports
+    """
+    if exported:
+        host.noop(f"{path} is exported by this host")
+        return
+    mounts: dict[str, Any] = dict(cast(Any, host.get_fact)(Mounts) or {})
+    best = max(
+        (m for m in mounts if path == m or path.startswith(m.rstrip("/") + "/")),
+        key=len,
+        default="/",
+    )
+    if mounts.get(best, {}).get("type") in ("nfs", "nfs4"):
+        host.noop(f"{path} is on the NFS mount {best}")
+        return
+    yield fail_command(
+        f"registry_data_dir {path} is not NFS-backed (it is on {best}, not an NFS mount or an "
+        "export of this host): the registry is not started, it would write to the local disk; "
+        "mount the export (nfs_client_mounts) or set registry_nfs_backed=false"
+    )
+
+
+def htpasswd_content(users: dict[str, str], current: str) -> str:
+    """bcrypt htpasswd for `users`, keeping existing lines whose hash still matches (so a second
+    run writes nothing: bcrypt salts are random)."""
+    import bcrypt
+
+    existing = {}
+    for line in current.splitlines():
+        user, sep, hashed = line.partition(":")
+        if sep:
+            existing[user] = hashed
+    lines = []
+    for user, password in sorted(users.items()):
+        if not user or ":" in user or not password:
+            raise DeployError(
+                f"registry_users: user {user!r} needs a name without ':' and a password"
+            )
+        hashed = existing.get(user, "")
+        try:
+            ok = bool(hashed) and bcrypt.checkpw(str(password).encode(), hashed.encode())
+        except ValueError:
+            ok = False
+        if not ok:
+            hashed = bcrypt.hashpw(str(password).encode(), bcrypt.gensalt(rounds=10)).decode()
+        lines.append(f"{user}:{hashed}")
+    return "\n".join(lines) + "\n"
+
+
+@deploy("Run the TLS registry", data_defaults={**DEFAULTS, **TRUST_DEFAULTS})
+def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
+    """
+    Run the bundled registry over TLS with its data on the NFS-backed path.
+
+    + registry_data_dir: data directory (an export here, or an NFS mount)
+    + registry_users: htpasswd users (bcrypt); empty for no auth
+    + registry_port: port to listen on
+    + registry_delete_enabled, registry_client_certs, registry_log_level
+    + restart_on: operations (the certificate's) whose change restarts the registry
+
+    Example:
+
+    .. code:: python
+
+        from deploys.registry import configure_registry
+        configure_registry()
+    """
+    data_dir = str(host.data.get("registry_data_dir"))
+    config_dir = str(host.data.get("registry_config_dir"))
+    certs_dir = str(host.data.get("registry_certs_dir") or "/etc/dockyard/registry/certs")
+    port = int(host.data.get("registry_port"))
+    if not 0 < port < 65536:
+        raise DeployError(f"registry_port={port} is not a TCP port")
+    exported = nfs_server.exports_for_registry() is not None
+    # The registry runs as the anonymous user: what it writes is owned as NFS squashes clients.
+    run_user, run_group, _ = nfs_server.anonymous(current_distro())
+    if host.data.get("registry_nfs_backed"):
+        require_nfs_backed(
+            name=f"Check that {data_dir} is NFS-backed", path=data_dir, exported=exported
+        )
+    if not exported:
+        files.directory(
+            name=f"Create {data_dir}",
+            path=data_dir,
+            user=run_user,
+            group=run_group,
+            mode="0750",
+            present=True,
+        )
+    files.directory(name=f"Create {config_dir}", path=config_dir, mode="0755", present=True)
+    users = dict(host.data.get("registry_users") or {})
+    htpasswd = f"{config_dir}/htpasswd" if users else None
+    changed = []
+    if htpasswd:
+        current = host.get_fact(FileContents, path=htpasswd) or []
+        content = htpasswd_content(users, "\n".join(current))
+        changed.append(
+            files.put(
+                name="Write the registry htpasswd (bcrypt)",
+                src=io.StringIO(content),
+                dest=htpasswd,
+                user="root",
+                group=run_group,
+                mode="0640",
+            )
+        )
+    config = f"{config_dir}/config.yml"
+    changed.append(
+        files.template(
+            name=f"Write {config}",
+            src=str(TEMPLATES / "registry-config.yml.j2"),
+            dest=config,
+            user="root",
+            group=run_group,
+            mode="0640",
+            data_dir=data_dir,
+            listen=f"0.0.0.0:{port}",
+            certs_dir=certs_dir,
+            delete_enabled=bool(host.data.get("registry_delete_enabled")),
+            clientcas=bool(host.data.get("registry_client_certs")),
+            htpasswd=htpasswd,
+            realm=str(host.data.get("registry_realm")),
+            log_level=str(host.data.get("registry_log_level")),
+        )
+    )
+    changed.append(
+        files.template(
+            name="Write the dockyard-registry systemd unit",
+            src=str(TEMPLATES / "dockyard-registry.service.j2"),
+            dest="/etc/systemd/system/dockyard-registry.service",
+            mode="0644",
+            listen=f"0.0.0.0:{port}",
+            venv_bin=venv_bin(host.data),
+            config=config,
+            data_dir=data_dir,
+            requires_mounts=not exported,
+            service_user=run_user,
+            service_group=run_group,
+        )
+    )
+    systemd.daemon_reload(name="Reload systemd units", _if=changed[-1].did_change)
+    systemd.service(
+        name="Keep the registry running and enabled",
+        service="dockyard-registry.service",
+        running=True,
+        enabled=True,
+    )
+    systemd.service(
+        name="Restart the registry because its configuration or certificate changed",
+        service="dockyard-registry.service",
+        restarted=True,
+        _if=lambda: any(op.did_change() for op in changed + list(restart_on or [])),
+    )
