@@ -14,7 +14,7 @@ from pyinfra import host
 from pyinfra.api import DeployError, deploy, operation
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import Mounts
-from pyinfra.operations import files, systemd
+from pyinfra.operations import files, server, systemd
 
 from deploys import nfs_server
 from deploys.common import current_distro
@@ -23,6 +23,12 @@ from deploys.operations import fail_command
 from deploys.registry_trust import DEFAULTS as TRUST_DEFAULTS
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+# After a (re)start the deploy waits (30 s at most) until the registry accepts connections.
+REGISTRY_WAIT = (
+    "for i in $(seq 60); do (exec 3<>/dev/tcp/127.0.0.1/@PORT@) 2>/dev/null && exit 0; "
+    "sleep 0.5; done; echo 'dockyard: the registry did not start listening on @PORT@; see "
+    "journalctl -u dockyard-registry' >&2; exit 1"
+)
 
 DEFAULTS: dict[str, Any] = {
     # The registry's data directory: on the storage host an exported path, elsewhere an NFS mount.
@@ -196,9 +202,15 @@ def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
         running=True,
         enabled=True,
     )
-    systemd.service(
+    restart = systemd.service(
         name="Restart the registry because its configuration or certificate changed",
         service="dockyard-registry.service",
         restarted=True,
         _if=lambda: any(op.did_change() for op in changed + list(restart_on or [])),
+    )
+    server.shell(
+        name=f"Wait until the registry answers on port {port}",
+        commands=[REGISTRY_WAIT.replace("@PORT@", str(port))],
+        _shell_executable="bash",
+        _if=restart.did_change,
     )

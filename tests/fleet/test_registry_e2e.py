@@ -1,0 +1,275 @@
+"""Lab end to end for tiers 2 and 3: the TLS registry on the storage host (data in the NFS
+export), trusted by every host through certs.d, pulled from every host with docker and with the
+bundled core, the export served by nfs-ganesha and squashed to the anonymous uid, fstab lines
+valid, insecure mode on one host only when asked, and the registry's data surviving a kill.
+Every test leaves the lab as the deploy made it (the last storage test checks no change)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dockyard import defaults
+from tests.fleet.conftest import LAB_NAME, run_deploy
+
+pytestmark = pytest.mark.lab
+STATE = Path(os.environ.get("DOCKYARD_LAB_DIR") or defaults.lab_state_dir())
+EXPORT = "/srv/exports/registry"
+
+
+@pytest.fixture(scope="module")
+def storage(lab: list[dict[str, Any]], first_deploy: Any) -> dict[str, Any]:
+    return next(h for h in lab if "storage" in h["groups"])
+
+
+@pytest.fixture(scope="module")
+def endpoint(storage: dict[str, Any]) -> str:
+    return f"{storage['address']}:5443"
+
+
+@pytest.fixture(scope="module")
+def password() -> str:
+    return (STATE / f"{LAB_NAME}.registry-password").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Only the CA certificate (skopeo reads every *.key in a cert dir as a client key)."""
+    target = tmp_path_factory.mktemp("fleet-ca")
+    (target / "ca.crt").write_bytes((STATE / f"{LAB_NAME}-pki" / "ca.crt").read_bytes())
+    return target
+
+
+@pytest.fixture(scope="module")
+def pushed(
+    endpoint: str, password: str, ca_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """A small image pushed from the control machine with skopeo, over TLS with auth."""
+    src = tmp_path_factory.mktemp("fleet-image")
+    (src / "hello.txt").write_text("hello from the fleet registry\n")
+    (src / "data.bin").write_bytes(os.urandom(300_000))
+    local = "dockyard-test/fleet:1"
+    tar = subprocess.Popen(["tar", "-C", str(src), "-c", "."], stdout=subprocess.PIPE)
+    subprocess.run(
+        ["docker", "import", "-", local], stdin=tar.stdout, check=True, capture_output=True
+    )
+    tar.wait()
+    ref = f"{endpoint}/fleet/app:1"
+    proc = subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--dest-cert-dir",
+            str(ca_dir),
+            "--dest-creds",
+            f"fleet:{password}",
+            f"docker-daemon:{local}",
+            f"docker://{ref}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    subprocess.run(["docker", "rmi", "-f", local], capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return ref
+
+
+def _get(endpoint: str, ca: Path, auth: str | None = None) -> tuple[int, str]:
+    host, port = endpoint.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(ca / "ca.crt"))
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            headers = f"Authorization: Basic {auth}\r\n" if auth else ""
+            tls.sendall(
+                f"GET /v2/ HTTP/1.1\r\nHost: {endpoint}\r\n{headers}"
+                "Connection: close\r\n\r\n".encode()
+            )
+            data = b""
+            while chunk := tls.recv(4096):
+                data += chunk
+    head = data.decode(errors="replace")
+    return int(head.split()[1]), head
+
+
+def test_registry_serves_tls_with_the_fleet_ca_and_requires_auth(
+    endpoint: str, ca_dir: Path, password: str
+) -> None:
+    import base64
+
+    status, head = _get(endpoint, ca_dir)
+    assert status == 401 and 'WWW-Authenticate: Basic realm="dockyard"' in head
+    token = base64.b64encode(f"fleet:{password}".encode()).decode()
+    assert _get(endpoint, ca_dir, token)[0] == 200
+    old = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-tls1_1",
+            "-cipher",
+            "DEFAULT@SECLEVEL=0",
+            "-connect",
+            endpoint,
+            "-CAfile",
+            str(ca_dir / "ca.crt"),
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert old.returncode != 0 and "Cipher is (NONE)" in old.stdout
+
+
+def test_every_host_pulls_through_certs_d(
+    hosts: dict[str, Any], endpoint: str, password: str, pushed: str
+) -> None:
+    for name, host in hosts.items():
+        ca = host.file(f"/etc/docker/certs.d/{endpoint}/ca.crt")
+        assert ca.exists and ca.user == "root" and ca.mode == 0o444, name
+        config = json.loads(host.file("/etc/docker/daemon.json").content_string)
+        assert "insecure-registries" not in config, name
+        login = host.run(f"echo {password} | docker login -u fleet --password-stdin {endpoint}")
+        assert login.rc == 0, (name, login.stderr)
+        pulled = host.run(f"docker pull {pushed}")
+        assert pulled.rc == 0, (name, pulled.stderr)
+        core = host.run(
+            f"echo {password} | dockyard image pull {pushed} --root /tmp/dy-e2e "
+            "--username fleet --password-stdin"
+        )
+        assert core.rc == 0 and "Image sha256:" in core.stdout, (name, core.stderr)
+        host.run(f"docker rmi -f {pushed}; docker logout {endpoint}; rm -rf /tmp/dy-e2e")
+
+
+def test_ca_key_never_leaves_the_control_machine(hosts: dict[str, Any]) -> None:
+    for name, host in hosts.items():
+        keys = host.run("grep -rl 'PRIVATE KEY' /etc/dockyard /etc/docker 2>/dev/null").stdout
+        found = [k for k in keys.split() if k]
+        assert all(k.endswith("/registry.key") for k in found), (name, found)
+
+
+def test_registry_runs_unprivileged_with_a_0600_key(
+    hosts: dict[str, Any], storage: dict[str, Any]
+) -> None:
+    host = hosts[storage["name"]]
+    assert host.service("dockyard-registry").is_running
+    assert host.service("dockyard-registry").is_enabled
+    key = host.file("/etc/dockyard/registry/certs/registry.key")
+    assert key.mode == 0o600 and key.user == "nobody"
+    assert host.check_output("ps -o user= -C dockyard").split()[0] == "nobody"
+
+
+def test_export_is_served_and_squashed_to_the_anonymous_uid(
+    hosts: dict[str, Any], storage: dict[str, Any]
+) -> None:
+    server = hosts[storage["name"]]
+    client_name = next(n for n in hosts if n != storage["name"])
+    client = hosts[client_name]
+    url = f"nfs://{storage['address']}{EXPORT}"
+    client.check_output("echo written-over-nfs > /tmp/nfs-probe.txt")
+    copied = client.run(f"nfs-cp /tmp/nfs-probe.txt '{url}/nfs-probe.txt?version=4'")
+    assert copied.rc == 0, copied.stderr
+    try:
+        assert "nfs-probe.txt" in client.check_output(f"nfs-ls '{url}?version=4'")
+        probe = server.file(f"{EXPORT}/nfs-probe.txt")
+        assert probe.uid == 65534 and probe.gid == 65534
+        assert probe.content_string == "written-over-nfs\n"
+        export_dir = server.file(EXPORT)
+        assert export_dir.user == "nobody" and not export_dir.mode & 0o002
+    finally:
+        server.run(f"rm -f {EXPORT}/nfs-probe.txt")
+
+
+def test_clients_have_valid_fstab_lines_only_written(
+    hosts: dict[str, Any], storage: dict[str, Any]
+) -> None:
+    for name, host in hosts.items():
+        if name == storage["name"]:
+            continue
+        line = f"{storage['address']}:{EXPORT} /mnt/registry nfs4 rw,hard,noatime,_netdev 0 0"
+        fstab = host.file("/etc/fstab").content_string
+        assert fstab.count("/mnt/registry") == 1 and line in fstab, name
+        assert host.run("findmnt --verify --tab-file /etc/fstab").rc == 0, name
+        assert host.file("/mnt/registry").is_directory
+        assert not host.mount_point("/mnt/registry").exists  # no NFS client in this kernel
+
+
+def test_insecure_mode_on_one_host_only_when_asked(
+    hosts: dict[str, Any], endpoint: str, overlay_host: str
+) -> None:
+    host = hosts[overlay_host]
+    before = json.loads(host.file("/etc/docker/daemon.json").content_string)
+    run = run_deploy("--limit", overlay_host, "--data", "registry_trust_mode=insecure")
+    assert run.returncode == 0, run.log[-2000:]
+    assert "registry_trust_mode=insecure" in run.log and "without verifying" in run.log
+    config = json.loads(host.file("/etc/docker/daemon.json").content_string)
+    assert config["insecure-registries"] == [endpoint]
+    assert config["storage-driver"] == before["storage-driver"]
+    assert host.check_output("docker info --format '{{.Driver}}'") == before["storage-driver"]
+    assert endpoint in host.check_output("docker info --format '{{json .RegistryConfig}}'")
+    back = run_deploy("--limit", overlay_host)
+    assert back.returncode == 0, back.log[-2000:]
+    assert json.loads(host.file("/etc/docker/daemon.json").content_string) == before
+
+
+def test_registry_refuses_a_data_dir_that_is_not_nfs_backed(
+    hosts: dict[str, Any], storage: dict[str, Any]
+) -> None:
+    run = run_deploy(
+        "--limit", storage["name"], "--data", "registry_data_dir=/var/tmp/local-registry"
+    )
+    assert run.returncode != 0
+    assert "registry_data_dir /var/tmp/local-registry is not NFS-backed" in run.log
+    host = hosts[storage["name"]]
+    assert host.service("dockyard-registry").is_running
+    assert (
+        f"rootdirectory: {EXPORT}" in host.file("/etc/dockyard/registry/config.yml").content_string
+    )
+
+
+def test_registry_data_survives_a_kill(
+    hosts: dict[str, Any],
+    storage: dict[str, Any],
+    endpoint: str,
+    ca_dir: Path,
+    password: str,
+    pushed: str,
+) -> None:
+    host = hosts[storage["name"]]
+    host.run("systemctl kill -s KILL dockyard-registry")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if host.run("systemctl is-active dockyard-registry").stdout.strip() == "active":
+            try:
+                if _get(endpoint, ca_dir)[0] == 401:
+                    break
+            except OSError:
+                pass
+        time.sleep(0.5)
+    proc = subprocess.run(
+        [
+            "skopeo",
+            "inspect",
+            "--cert-dir",
+            str(ca_dir),
+            "--creds",
+            f"fleet:{password}",
+            f"docker://{pushed}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["Layers"]) == 1
