@@ -6,17 +6,21 @@ that is neither an export of this host nor an NFS mount (it would write to the l
 
 from __future__ import annotations
 
+import hashlib
 import io
+import shlex
 from pathlib import Path
 from typing import Any, Optional, cast
 
+import jinja2
 from pyinfra import host
-from pyinfra.api import DeployError, deploy, operation
+from pyinfra.api import DeployError, FactBase, deploy, operation
 from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import Mounts
+from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import files, server, systemd
 
-from deploys import nfs_server
+from deploys import nfs_server, registry_pki
 from deploys.common import current_distro
 from deploys.dockyard_core import venv_bin
 from deploys.operations import fail_command
@@ -27,7 +31,7 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 REGISTRY_WAIT = (
     "for i in $(seq 60); do (exec 3<>/dev/tcp/127.0.0.1/@PORT@) 2>/dev/null && exit 0; "
     "sleep 0.5; done; echo 'dockyard: the registry did not start listening on @PORT@; see "
-    "journalctl -u dockyard-registry' >&2; exit 1"
+    "journalctl -u dockyard-registry or docker logs dockyard-registry' >&2; exit 1"
 )
 
 DEFAULTS: dict[str, Any] = {
@@ -47,6 +51,21 @@ DEFAULTS: dict[str, Any] = {
     "registry_log_level": "info",
     # Where config.yml and htpasswd live on the registry host.
     "registry_config_dir": "/etc/dockyard/registry",
+    # "dockyard" (the bundled core, a systemd service) or an image such as "registry:2",
+    # run as the container dockyard-registry (restart always, data on registry_data_dir).
+    "registry_image": "dockyard",
+    # A `docker save` archive on the control machine that holds registry_image: pushed and
+    # loaded when the host lacks the image (fleets and the lab may have no Docker Hub).
+    "registry_image_archive": None,
+}
+
+CONTAINER = "dockyard-registry"
+# Paths inside a registry container (as the registry image has them).
+IN_CONTAINER = {
+    "data": "/var/lib/registry",
+    "certs": "/certs",
+    "config": "/etc/docker/registry",
+    "auth": "/auth",
 }
 
 
@@ -75,6 +94,103 @@ def require_nfs_backed(path: str, exported: bool):
         "export of this host): the registry is not started, it would write to the local disk; "
         "mount the export (nfs_client_mounts) or set registry_nfs_backed=false"
     )
+
+
+class RegistryContainer(FactBase[dict]):
+    """
+    The registry container: whether it runs and the configuration hash it was created with.
+
+    .. code:: python
+
+        # true|3f2a...
+        {"running": True, "hash": "3f2a..."}
+    """
+
+    def command(self) -> str:
+        return (
+            f"docker inspect -f '{{{{.State.Running}}}}|{{{{index .Config.Labels "
+            f'"dockyard.hash"}}}}\' {CONTAINER} 2>/dev/null || true'
+        )
+
+    def requires_command(self) -> str:
+        return "docker"
+
+    @staticmethod
+    def default() -> dict:
+        return {}
+
+    def process(self, output) -> dict:
+        line = " ".join(output).strip()
+        if "|" not in line:
+            return {}
+        running, _, digest = line.partition("|")
+        return {"running": running == "true", "hash": digest}
+
+
+class DockerImagePresent(FactBase[bool]):
+    """Whether the engine has an image (``docker image inspect``)."""
+
+    def command(self, image: str) -> str:
+        return f"docker image inspect {shlex.quote(image)} >/dev/null 2>&1 && echo yes || echo no"
+
+    def requires_command(self, image: str) -> str:
+        return "docker"
+
+    @staticmethod
+    def default() -> bool:
+        return False
+
+    def process(self, output) -> bool:
+        return " ".join(output).strip() == "yes"
+
+
+@operation()
+def registry_container(image: str, archive: Optional[str], run_args: list[str], digest: str):
+    """
+    Run the registry container; recreate it when its configuration hash changed or it is gone.
+
+    + image: the registry image
+    + archive: an image archive on the host to `docker load` when the image is missing
+    + run_args: `docker run` arguments before the image
+    + digest: hash of everything the container depends on (config, certificate, image)
+    """
+    current = host.get_fact(RegistryContainer)
+    if current.get("running") and current.get("hash") == digest:
+        host.noop(f"{CONTAINER} runs with this configuration")
+        return
+    if not host.get_fact(DockerImagePresent, image=image):
+        if archive:
+            yield f"docker load -i {shlex.quote(archive)}"
+        else:
+            yield f"docker pull {shlex.quote(image)}"
+    if current:
+        yield f"docker rm -f {CONTAINER}"
+    args = " ".join(shlex.quote(a) for a in run_args)
+    yield (
+        f"docker run -d --name {CONTAINER} --restart always --label dockyard.hash={digest} "
+        f"{args} {shlex.quote(image)}"
+    )
+
+
+@operation()
+def remove_registry_container():
+    """Remove the registry container when the bundled core serves instead."""
+    if host.get_fact(RegistryContainer):
+        yield f"docker rm -f {CONTAINER}"
+    else:
+        host.noop(f"no {CONTAINER} container")
+
+
+@operation()
+def stop_registry_service():
+    """Stop and disable the bundled core's service when a container serves instead."""
+    status = host.get_fact(SystemdStatus)
+    enabled = host.get_fact(SystemdEnabled)
+    unit = "dockyard-registry.service"
+    if status.get(unit) or enabled.get(unit):
+        yield f"systemctl disable --now {unit}"
+    else:
+        host.noop(f"{unit} is not running")
 
 
 def htpasswd_content(users: dict[str, str], current: str) -> str:
@@ -162,6 +278,21 @@ def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
             )
         )
     config = f"{config_dir}/config.yml"
+    image = str(host.data.get("registry_image") or "dockyard")
+    if image != "dockyard":
+        _run_container(
+            image,
+            port,
+            data_dir,
+            config_dir,
+            certs_dir,
+            config,
+            htpasswd,
+            changed,
+            restart_on or [],
+        )
+        return
+    remove_registry_container(name=f"Remove the {CONTAINER} container (the core serves)")
     changed.append(
         files.template(
             name=f"Write {config}",
@@ -213,4 +344,97 @@ def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
         commands=[REGISTRY_WAIT.replace("@PORT@", str(port))],
         _shell_executable="bash",
         _if=restart.did_change,
+    )
+
+
+def _run_container(
+    image: str,
+    port: int,
+    data_dir: str,
+    config_dir: str,
+    certs_dir: str,
+    config: str,
+    htpasswd: Optional[str],
+    changed: list[Any],
+    restart_on: list[Any],
+) -> None:
+    """The registry image as a container: config rendered here (paths as the image has them),
+    everything mounted read-only but the data, recreated when any of it changes."""
+    run_user, run_group, uid = nfs_server.anonymous(current_distro())
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined
+    )
+    rendered = env.get_template("registry-config.yml.j2").render(
+        data_dir=IN_CONTAINER["data"],
+        listen="0.0.0.0:5000",
+        certs_dir=IN_CONTAINER["certs"],
+        delete_enabled=bool(host.data.get("registry_delete_enabled")),
+        clientcas=bool(host.data.get("registry_client_certs")),
+        htpasswd=f"{IN_CONTAINER['auth']}/htpasswd" if htpasswd else None,
+        realm=str(host.data.get("registry_realm")),
+        log_level=str(host.data.get("registry_log_level")),
+    )
+    files.put(
+        name=f"Write {config} (for the registry container)",
+        src=io.StringIO(rendered),
+        dest=config,
+        user="root",
+        group=run_group,
+        mode="0640",
+    )
+    stop_registry_service(name="Stop the bundled registry service (a container serves)")
+    digest = hashlib.sha256(rendered.encode())
+    archive_remote = None
+    archive = host.data.get("registry_image_archive")
+    if archive:
+        local = Path(str(archive)).expanduser()
+        if not local.is_file():
+            raise DeployError(f"registry_image_archive {local} does not exist on this machine")
+        archive_sha = hashlib.sha256(local.read_bytes()).hexdigest()
+        digest.update(archive_sha.encode())
+        archive_remote = f"/var/lib/dockyard/images/{archive_sha[:16]}.tar"
+        files.directory(
+            name="Create /var/lib/dockyard/images",
+            path="/var/lib/dockyard/images",
+            mode="0700",
+            present=True,
+        )
+        files.put(
+            name=f"Push the registry image archive ({local.name})",
+            src=str(local),
+            dest=archive_remote,
+            mode="0600",
+        )
+    for key in ("registry_users",):
+        digest.update(repr(sorted((host.data.get(key) or {}).items())).encode())
+    digest.update(f"{image}|{port}|{data_dir}|{uid}".encode())
+    issued = registry_pki.issue()
+    for path in (issued.cert, issued.key):
+        digest.update(Path(path).read_bytes())
+    run_args = [
+        "--user",
+        f"{uid}:{uid}",
+        "-p",
+        f"{port}:5000",
+        "-v",
+        f"{config}:{IN_CONTAINER['config']}/config.yml:ro",
+        "-v",
+        f"{certs_dir}:{IN_CONTAINER['certs']}:ro",
+        "-v",
+        f"{data_dir}:{IN_CONTAINER['data']}",
+    ]
+    if htpasswd:
+        run_args += ["-v", f"{htpasswd}:{IN_CONTAINER['auth']}/htpasswd:ro"]
+    created = registry_container(
+        name=f"Run the registry container ({image}) on port {port}",
+        image=image,
+        archive=archive_remote,
+        run_args=run_args,
+        digest=digest.hexdigest()[:32],
+    )
+    server.shell(
+        name=f"Wait until the registry answers on port {port}",
+        commands=[REGISTRY_WAIT.replace("@PORT@", str(port))],
+        _shell_executable="bash",
+        _if=lambda: created.did_change() or any(op.did_change() for op in changed + restart_on),
     )

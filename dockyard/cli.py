@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated Debian suites to cycle through (default: %(default)s)",
     )
     lab_sub.add_parser("down", help="remove the lab hosts, their volumes and network")
+    lab_archive = lab_sub.add_parser(
+        "registry-archive",
+        help="save a registry:2-compatible image (Debian's docker-registry) for registry_image",
+    )
+    lab_archive.add_argument("path", help="where to write the docker save archive")
     lab_status = lab_sub.add_parser("status", help="list the lab hosts")
     lab_status.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -264,6 +269,16 @@ def _lab(args: argparse.Namespace) -> int:
     if args.lab_command == "up":
         hosts = up(hosts=args.hosts, releases=args.releases)
         print(f"--> Lab up: {len(hosts)} host(s); inventory: inventory/lab.py")
+        return 0
+    if args.lab_command == "registry-archive":
+        from pathlib import Path
+
+        from dockyard.lab.images import build_registry_archive
+
+        tag = build_registry_archive(Path(args.path))
+        print(
+            f"--> {tag} in {args.path}: set registry_image={tag} registry_image_archive={args.path}"
+        )
         return 0
     if args.lab_command == "down":
         down()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -160,3 +161,55 @@ def ensure_image(suite: str, *, log=print) -> str:  # type: ignore[no-untyped-de
 if __name__ == "__main__":  # pragma: no cover - manual use
     for name in sys.argv[1:] or list(defaults.LAB_RELEASES):
         print(ensure_image(name))
+
+
+# Tag of the registry image the lab builds from Debian's docker-registry (CNCF distribution).
+REGISTRY_IMAGE = "dockyard-lab/registry:2"
+
+
+def build_registry_archive(dest: Path, log=print) -> str:  # type: ignore[no-untyped-def]
+    """A `docker save` archive of a registry:2-compatible image (Debian's docker-registry binary
+    and the libraries it needs), for fleets without Docker Hub; returns the image tag."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        raise DockerError("docker-registry is not installed (apt-get install -y docker-registry)")
+    with tempfile.TemporaryDirectory(prefix="dockyard-registry-image-", dir="/var/tmp") as tmp:
+        root = Path(tmp)
+        files = [binary]
+        ldd = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False)
+        files += re.findall(r"(/\S+\.so[.\d]*)", ldd.stdout)
+        for source in files:
+            target = root / ("bin/registry" if source == binary else source.lstrip("/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+        for directory in ("var/lib/registry", "etc/docker/registry", "tmp"):
+            (root / directory).mkdir(parents=True, exist_ok=True)
+        os.chmod(root / "tmp", 0o1777)
+        tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+        imported = subprocess.run(
+            [
+                "docker",
+                "import",
+                "--change",
+                'ENTRYPOINT ["/bin/registry"]',
+                "--change",
+                'CMD ["serve", "/etc/docker/registry/config.yml"]',
+                "--change",
+                "EXPOSE 5000",
+                "--change",
+                'VOLUME ["/var/lib/registry"]',
+                "-",
+                REGISTRY_IMAGE,
+            ],
+            stdin=tar.stdout,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert tar.stdout is not None
+        tar.stdout.close()
+        if tar.wait() != 0 or imported.returncode != 0:
+            raise DockerError(f"docker import of {REGISTRY_IMAGE} failed: {imported.stderr}")
+    docker("save", "-o", str(dest), REGISTRY_IMAGE)
+    log(f"    {REGISTRY_IMAGE} saved to {dest}")
+    return REGISTRY_IMAGE

@@ -11,6 +11,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -273,3 +274,75 @@ def test_registry_data_survives_a_kill(
     )
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["Layers"]) == 1
+
+
+def test_upstream_registry_image_from_an_archive(
+    hosts: dict[str, Any],
+    storage: dict[str, Any],
+    endpoint: str,
+    ca_dir: Path,
+    password: str,
+    pushed: str,
+    tmp_path: Path,
+) -> None:
+    """registry_image + registry_image_archive: the CNCF registry (built from Debian's
+    docker-registry, no Docker Hub) as a container over the same NFS-backed data; recreated
+    after docker rm -f with the data intact; then back to the bundled core."""
+    archive = tmp_path / "registry.tar"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dockyard"), "lab", "registry-archive", str(archive)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    image = [
+        "--data",
+        "registry_image=dockyard-lab/registry:2",
+        "--data",
+        f"registry_image_archive={archive}",
+    ]
+    limit = ["--limit", storage["name"]]
+    host = hosts[storage["name"]]
+
+    def inspect() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                "skopeo",
+                "inspect",
+                "--cert-dir",
+                str(ca_dir),
+                "--creds",
+                f"fleet:{password}",
+                f"docker://{pushed}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    try:
+        run = run_deploy(*limit, *image)
+        assert run.returncode == 0, run.log[-2000:]
+        assert (
+            host.check_output("docker ps --format '{{.Names}} {{.Image}}'")
+            == "dockyard-registry dockyard-lab/registry:2"
+        )
+        assert not host.service("dockyard-registry").is_running
+        assert _get(endpoint, ca_dir)[0] == 401
+        assert inspect().returncode == 0
+        again = run_deploy(*limit, *image)
+        assert again.totals["success"] == 0, again.changed_ops()
+        host.check_output("docker rm -f dockyard-registry")
+        recreated = run_deploy(*limit, *image)
+        assert recreated.returncode == 0
+        assert any("Run the registry container" in op for op in recreated.changed_ops())
+        assert inspect().returncode == 0  # the data survived the container
+    finally:
+        back = run_deploy(*limit)
+    assert back.returncode == 0, back.log[-2000:]
+    assert host.service("dockyard-registry").is_running
+    assert host.check_output("docker ps -a --format '{{.Names}}'") == ""
+    assert inspect().returncode == 0
