@@ -71,3 +71,12 @@ def current_distro() -> Distro:
     """The distribution of the host pyinfra is preparing or running now."""
     fact = cast(Any, host.get_fact)(LinuxDistribution)
     return Distro.from_fact(dict(fact))
+
+
+def install_packages(name: str, packages: list[str], distro: Distro) -> Any:
+    """Install packages with the distro's manager (apt with a 1-hour cache, yum on 7, dnf)."""
+    from pyinfra.operations import apt, dnf, yum
+
+    if distro.family == "debian":
+        return apt.packages(name=name, packages=packages, update=True, cache_time=3600)
+    return (yum if distro.major <= 7 else dnf).packages(name=name, packages=packages)

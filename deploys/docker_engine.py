@@ -11,7 +11,7 @@ from pyinfra import host
 from pyinfra.api import DeployError, deploy
 from pyinfra.operations import apt, dnf, files, systemd, yum
 
-from deploys.common import Distro, current_distro, unsupported
+from deploys.common import Distro, current_distro, install_packages, unsupported
 
 DEFAULTS: dict[str, Any] = {
     # Where the engine comes from: "distro" (docker.io; legacy docker on CentOS 7) or
@@ -174,11 +174,8 @@ def install_docker_engine() -> None:
     plan = engine_plan(distro, host.data)
     if plan.family == "debian":
         if plan.repo_key_url and plan.repo_line:
-            apt.packages(
-                name="Install what Docker's apt repository needs",
-                packages=["ca-certificates"],
-                update=True,
-                cache_time=3600,
+            install_packages(
+                "Install what Docker's apt repository needs", ["ca-certificates"], distro
             )
             files.directory(name="Create /etc/apt/keyrings", path="/etc/apt/keyrings", mode="0755")
             files.download(
@@ -192,23 +189,13 @@ def install_docker_engine() -> None:
                 src=plan.repo_line,
                 filename="docker",
             )
-        apt.packages(
-            name=f"Install the Docker engine ({', '.join(plan.packages)})",
-            packages=plan.packages,
-            update=True,
-            cache_time=3600,
+    elif plan.repo_file_url:
+        (yum if distro.major <= 7 else dnf).repo(
+            name="Add Docker's yum repository", src=plan.repo_file_url
         )
-    else:
-        ops = yum if distro.major <= 7 else dnf
-        if plan.repo_file_url:
-            ops.repo(
-                name="Add Docker's yum repository",
-                src=plan.repo_file_url,
-            )
-        ops.packages(
-            name=f"Install the Docker engine ({', '.join(plan.packages)})",
-            packages=plan.packages,
-        )
+    install_packages(
+        f"Install the Docker engine ({', '.join(plan.packages)})", plan.packages, distro
+    )
     systemd.service(
         name="Keep the Docker engine running"
         + (" and enabled at boot" if host.data.get("docker_engine_enabled") else ""),

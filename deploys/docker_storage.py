@@ -12,10 +12,10 @@ from typing import Any, Optional
 
 from pyinfra import host
 from pyinfra.api import deploy, operation
-from pyinfra.operations import apt, dnf, files, systemd, yum
+from pyinfra.operations import files, systemd
 
 from deploys import docker_engine
-from deploys.common import Distro, current_distro, unsupported
+from deploys.common import Distro, current_distro, install_packages, unsupported
 from deploys.facts import (
     BlockDevice,
     BlockDeviceDict,
@@ -335,18 +335,7 @@ def configure_docker_storage() -> None:
         return
     distro = current_distro()
     package = DEVICE_FILESYSTEMS[plan.device_fs][distro.family]
-    if distro.family == "debian":
-        apt.packages(
-            name=f"Install {package} for the {plan.device_fs} backing store",
-            packages=[package],
-            update=True,
-            cache_time=3600,
-        )
-    else:
-        (yum if distro.major <= 7 else dnf).packages(
-            name=f"Install {package} for the {plan.device_fs} backing store",
-            packages=[package],
-        )
+    install_packages(f"Install {package} for the {plan.device_fs} backing store", [package], distro)
     options = "defaults,loop" if plan.device_is_file else "defaults"
     fstab = files.line(
         name=f"Mount {plan.device} at {plan.data_root} at boot (fstab)",

@@ -17,9 +17,9 @@ from typing import Any
 
 from pyinfra import host
 from pyinfra.api import DeployError, FactBase, deploy
-from pyinfra.operations import apt, dnf, files, pip, server, yum
+from pyinfra.operations import files, pip, server
 
-from deploys.common import current_distro
+from deploys.common import current_distro, install_packages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -210,17 +210,8 @@ def install_dockyard_core() -> None:
     wheelhouse = build_wheelhouse(
         facts["version"], facts["machine"], str(host.data.get("dockyard_core_cache"))
     )
-    if distro.family == "debian":
-        apt.packages(
-            name="Install python3-venv for the dockyard core",
-            packages=["python3-venv"],
-            update=True,
-            cache_time=3600,
-        )
-    else:
-        (yum if distro.major <= 7 else dnf).packages(
-            name="Install python3 for the dockyard core", packages=["python3"]
-        )
+    venv_package = "python3-venv" if distro.family == "debian" else "python3"
+    install_packages(f"Install {venv_package} for the dockyard core", [venv_package], distro)
     synced = files.sync(
         name=f"Push the dockyard wheelhouse (Python {facts['version']}, {facts['machine']})",
         src=str(wheelhouse),

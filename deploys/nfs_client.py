@@ -11,9 +11,9 @@ from typing import Any
 from pyinfra import host, logger
 from pyinfra.api import DeployError, deploy, operation
 from pyinfra.facts.server import Mounts
-from pyinfra.operations import apt, dnf, files, systemd, yum
+from pyinfra.operations import files, systemd
 
-from deploys.common import current_distro, unsupported
+from deploys.common import current_distro, install_packages, unsupported
 from deploys.facts import KernelNfs
 
 DEFAULTS: dict[str, Any] = {
@@ -113,17 +113,7 @@ def configure_nfs_client() -> None:
     if distro.family not in CLIENT_PACKAGES:
         raise unsupported("The NFS client deploy", distro)
     packages = CLIENT_PACKAGES[distro.family] + extra
-    if distro.family == "debian":
-        apt.packages(
-            name=f"Install the NFS client ({', '.join(packages)})",
-            packages=packages,
-            update=True,
-            cache_time=3600,
-        )
-    else:
-        (yum if distro.major <= 7 else dnf).packages(
-            name=f"Install the NFS client ({', '.join(packages)})", packages=packages
-        )
+    install_packages(f"Install the NFS client ({', '.join(packages)})", packages, distro)
     for mount in mounts:
         files.directory(name=f"Create the mount point {mount.path}", path=mount.path, present=True)
         fstab = files.line(

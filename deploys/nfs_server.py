@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 from pyinfra import host, inventory, logger
 from pyinfra.api import DeployError, deploy
-from pyinfra.operations import apt, dnf, files, server, systemd, yum
+from pyinfra.operations import files, server, systemd
 
-from deploys.common import Distro, current_distro, unsupported
+from deploys.common import Distro, current_distro, install_packages, unsupported
 from deploys.facts import KernelNfs
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -168,20 +168,6 @@ def current_exports() -> list[Export]:
     return plan_exports(current_distro(), host.data, fleet_addresses())
 
 
-def _install(distro: Distro, packages: list[str], what: str) -> None:
-    if distro.family == "debian":
-        apt.packages(
-            name=f"Install {what} ({', '.join(packages)})",
-            packages=packages,
-            update=True,
-            cache_time=3600,
-        )
-    else:
-        (yum if distro.major <= 7 else dnf).packages(
-            name=f"Install {what} ({', '.join(packages)})", packages=packages
-        )
-
-
 @deploy("Export NFS volumes", data_defaults=DEFAULTS)
 def configure_nfs_server() -> None:
     """
@@ -208,7 +194,7 @@ def configure_nfs_server() -> None:
         if impl == "kernel"
         else GANESHA_PACKAGES[distro.family]
     )
-    _install(distro, packages, f"the NFS server ({impl})")
+    install_packages(f"Install the NFS server ({impl}: {', '.join(packages)})", packages, distro)
     for export in exports:
         files.directory(
             name=f"Own {export.path} by {export.owner}:{export.group} (mode {export.mode})",

@@ -42,6 +42,16 @@ def registry_endpoint() -> Optional[str]:
     return f"{address}:{port}"
 
 
+def pki_dir() -> str:
+    return str(host.data.get("registry_pki_dir") or "~/.local/share/dockyard/pki")
+
+
+def mutual_tls() -> bool:
+    """Whether the fleet registry asks for client certificates (its registry_client_certs)."""
+    hosts = inventory.get_group("registry", None) or []
+    return bool(hosts and hosts[0].data.get("registry_client_certs"))
+
+
 def trust_mode() -> str:
     mode = str(host.data.get("registry_trust_mode") or DEFAULTS["registry_trust_mode"])
     if mode not in ("certs.d", "insecure"):
@@ -95,9 +105,7 @@ def configure_registry_trust() -> None:
     if endpoint is None:
         return
     mode = trust_mode()
-    ca_cert, _ = pki.ensure_ca(
-        str(host.data.get("registry_pki_dir") or "~/.local/share/dockyard/pki")
-    )
+    ca_cert, _ = pki.ensure_ca(pki_dir())
     if mode == "insecure":
         logger.warning(
             f"{host.print_prefix}registry_trust_mode=insecure: the engine will talk to "
@@ -129,6 +137,24 @@ def configure_registry_trust() -> None:
         group="root",
         mode="0444",
     )
+    if mutual_tls():
+        client = pki.ensure_client_cert(pki_dir(), f"client-{host.name}")
+        files.put(
+            name=f"Install this host's client certificate for {endpoint}",
+            src=str(client.cert),
+            dest=f"{directory}/client.cert",
+            user="root",
+            group="root",
+            mode="0444",
+        )
+        files.put(
+            name=f"Install this host's client key for {endpoint} (0600)",
+            src=str(client.key),
+            dest=f"{directory}/client.key",
+            user="root",
+            group="root",
+            mode="0600",
+        )
     if host.data.get("registry_trust_os_store"):
         family = current_distro().family
         path, command = OS_STORE[family]

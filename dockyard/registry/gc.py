@@ -195,7 +195,7 @@ def collect(
 
 def _drop_dangling_layer_links(registry: Registry, log: Callable[[str], None]) -> None:
     """Remove `_layers` links whose blob was swept (distribution 2.8 leaves them dangling)."""
-    for name in registry.catalog_all():
+    for name in registry.catalog(with_uploads=True):
         try:
             infos = list(registry.driver.walk(p.path_for(p.LayersRoot(name))))
         except PathNotFound:

@@ -115,15 +115,17 @@ class Registry:
             return False
         return True
 
-    def catalog(self) -> list[str]:
-        """Every repository (a directory with _manifests or _layers), sorted."""
+    def catalog(self, with_uploads: bool = False) -> list[str]:
+        """Every repository (a directory with _manifests or _layers — or _uploads too when
+        `with_uploads`), sorted."""
+        marks = ("_manifests", "_layers", "_uploads") if with_uploads else ("_manifests", "_layers")
         root = p.path_for(p.RepositoriesRoot())
         local = self.driver.local_path(root)
         found: list[str] = []
         if local is None or not os.path.isdir(local):
             return found
         for directory, dirs, _files in os.walk(local):
-            if "_manifests" in dirs or "_layers" in dirs:
+            if any(d in marks for d in dirs):
                 found.append(os.path.relpath(directory, local).replace(os.sep, "/"))
             dirs[:] = sorted(d for d in dirs if not d.startswith("_"))
         return sorted(found)
@@ -265,7 +267,7 @@ class Registry:
 
     def uploads(self) -> Iterator[tuple[str, str, Optional[dt.datetime]]]:
         """(repository, upload id, started at) of every upload on storage."""
-        for name in self.catalog_all():
+        for name in self.catalog(with_uploads=True):
             try:
                 ids = self.driver.list(p.path_for(p.UploadsRoot(name)))
             except PathNotFound:
@@ -279,19 +281,6 @@ class Registry:
                 except (PathNotFound, ValueError, BlobUploadUnknown):
                     started = None
                 yield name, upload_id, started
-
-    def catalog_all(self) -> list[str]:
-        """Every repository directory, including ones with only uploads."""
-        root = p.path_for(p.RepositoriesRoot())
-        local = self.driver.local_path(root)
-        found: list[str] = []
-        if local is None or not os.path.isdir(local):
-            return found
-        for directory, dirs, _files in os.walk(local):
-            if any(d in ("_manifests", "_layers", "_uploads") for d in dirs):
-                found.append(os.path.relpath(directory, local).replace(os.sep, "/"))
-            dirs[:] = sorted(d for d in dirs if not d.startswith("_"))
-        return sorted(found)
 
     # ---- manifests, tags, referrers ------------------------------------------------------
     @contextmanager

@@ -346,3 +346,52 @@ def test_upstream_registry_image_from_an_archive(
     assert host.service("dockyard-registry").is_running
     assert host.check_output("docker ps -a --format '{{.Names}}'") == ""
     assert inspect().returncode == 0
+
+
+def test_first_deploy_says_only_fstab_was_written(first_deploy: Any) -> None:
+    assert (
+        "the kernel has no NFS client: only /etc/fstab was written for /mnt/registry"
+        in first_deploy.log
+    )
+
+
+def test_os_trust_store_when_asked(hosts: dict[str, Any], endpoint: str, overlay_host: str) -> None:
+    run = run_deploy("--limit", overlay_host, "--data", "registry_trust_os_store=true")
+    assert run.returncode == 0, run.log[-2000:]
+    host = hosts[overlay_host]
+    anchor = host.file("/usr/local/share/ca-certificates/dockyard-fleet-ca.crt")
+    assert anchor.exists
+    # Python's default context reads the system bundle: the TLS handshake now verifies.
+    probe = host.run(
+        'python3 -c "import urllib.request, urllib.error\n'
+        f"try: urllib.request.urlopen('https://{endpoint}/v2/', timeout=10)\n"
+        'except urllib.error.HTTPError as e: print(e.code)"'
+    )
+    assert probe.rc == 0 and probe.stdout.strip() == "401", probe.stderr
+
+
+def test_mutual_tls_when_asked(
+    hosts: dict[str, Any], endpoint: str, ca_dir: Path, password: str, pushed: str
+) -> None:
+    run = run_deploy("--data", "registry_client_certs=true")
+    try:
+        assert run.returncode == 0, run.log[-2000:]
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError, IndexError, ValueError)):
+            _get(endpoint, ca_dir)  # no client certificate: the handshake or request fails
+        for name, host in hosts.items():
+            certs = f"/etc/docker/certs.d/{endpoint}"
+            assert host.file(f"{certs}/client.cert").mode == 0o444, name
+            assert host.file(f"{certs}/client.key").mode == 0o600, name
+            pulled = host.run(
+                f"echo {password} | dockyard image pull {pushed} --root "
+                "/tmp/dy-mtls --username fleet --password-stdin"
+            )
+            assert pulled.rc == 0, (name, pulled.stderr)
+            login = host.run(f"echo {password} | docker login -u fleet --password-stdin {endpoint}")
+            assert login.rc == 0, (name, login.stderr)
+            assert host.run(f"docker pull {pushed}").rc == 0, name
+            host.run(f"docker rmi -f {pushed}; docker logout {endpoint}; rm -rf /tmp/dy-mtls")
+    finally:
+        back = run_deploy()
+    assert back.returncode == 0, back.log[-2000:]
+    assert _get(endpoint, ca_dir)[0] == 401

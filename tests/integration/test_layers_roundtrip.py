@@ -7,14 +7,12 @@ private CA, basic auth and bearer tokens, and an interrupted download resumes wi
 from __future__ import annotations
 
 import asyncio
-import io
 import ipaddress
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,8 +74,8 @@ def _exported_tree(image: str, dest: Path) -> dict[str, Any]:
     finally:
         run("docker", "rm", cid, check=False)
     dest.mkdir()
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        tar.extractall(dest, filter="fully_trusted")
+    # GNU tar, as root: keeps owners and modes the same way on every Python version
+    subprocess.run(["tar", "-C", str(dest), "-xf", "-"], input=data, check=True)
     # docker adds its own mount points to every exported container
     for name in (
         ".dockerenv",

@@ -198,3 +198,17 @@ def test_digests_of_both_streams(tmp_path: Path) -> None:
     assert result.diff_id == "sha256:" + hashlib.sha256(plain).hexdigest()
     assert result.compressed_digest == "sha256:" + hashlib.sha256(packed).hexdigest()
     assert result.compression == "gzip"
+
+
+def test_zstd_layers_when_the_extra_is_installed(tmp_path: Path) -> None:
+    import hashlib
+
+    import zstandard  # the zstd extra, part of the test extras
+
+    plain = make_tar([("etc", "dir", None, 0o755), ("etc/z", "file", "zstd content")])
+    packed = zstandard.ZstdCompressor().compress(plain)
+    (tmp_path / "l").mkdir()
+    result = apply_layer(io.BytesIO(packed), str(tmp_path / "l"))
+    assert result.compression == "zstd"
+    assert result.diff_id == "sha256:" + hashlib.sha256(plain).hexdigest()
+    assert (tmp_path / "l/etc/z").read_text() == "zstd content"
