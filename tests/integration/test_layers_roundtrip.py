@@ -100,6 +100,7 @@ def test_pull_change_commit_push_round_trip(driver: str, source_image: str, tmp_
     if driver == "overlay" and os.geteuid() != 0:
         pytest.skip("overlay mounts need root")
     dist = make_server("distribution", tmp_path / "dist")
+    root = tmp_path / "store"
     try:
         base_ref = f"{dist.address}/rt/app:1"
         run(
@@ -112,7 +113,6 @@ def test_pull_change_commit_push_round_trip(driver: str, source_image: str, tmp_
         base_layers = json.loads(
             run("skopeo", "inspect", "--tls-verify=false", f"docker://{base_ref}").stdout
         )["Layers"]
-        root = tmp_path / "store"
         out = dockyard(root, "image", "pull", base_ref, "--driver", driver)
         assert "Image sha256:" in out
         dockyard(root, "container", "create", base_ref, "edit")
@@ -144,9 +144,14 @@ def test_pull_change_commit_push_round_trip(driver: str, source_image: str, tmp_
             assert _exported_tree(new_ref, tmp_path / "docker-tree") == expected
         finally:
             run("docker", "rmi", "-f", new_ref, check=False)
-        dockyard(root, "container", "rm", "edit")
     finally:
         dist.stop()
+        # unmounts the overlay even when an assertion failed, so no mount outlives the test
+        subprocess.run(
+            [str(BIN / "dockyard"), "container", "rm", "edit", "--root", str(root)],
+            capture_output=True,
+            check=False,
+        )
 
 
 def test_export_docker_archive_is_loaded_by_docker(source_image: str, tmp_path: Path) -> None:
