@@ -128,6 +128,11 @@ class _FsWriter:
 
     def close(self) -> None:
         if not self._closed:
+            if _SYNC_FILE_RANGE is not None and self._size > self._kicked:
+                # start writeback of the tail now: the fsync at commit then finds it under way
+                self._file.flush()
+                _SYNC_FILE_RANGE(self._file.fileno(), self._kicked, self._size - self._kicked)
+                self._kicked = self._size
             self._file.close()
             self._closed = True
 
