@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from dockyard.fsutil import atomic_write
 
 # Lifetimes in days: the CA long, leaf certificates within the 825-day limit clients enforce.
 CA_DAYS = 3650
@@ -46,18 +47,7 @@ def _now() -> dt.datetime:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(str(path), data, mode)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

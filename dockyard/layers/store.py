@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any, Optional
 
+from dockyard.fsutil import atomic_write
 from dockyard.layers.diff import write_layer
 from dockyard.layers.drivers import GraphDriver, detect_driver, remove_tree
 from dockyard.layers.tarsafe import HashingReader, LayerError, decompressed
@@ -134,19 +135,7 @@ class ImageStore:
         self._write_atomic(rel, json.dumps(data, indent=2, sort_keys=True).encode())
 
     def _write_atomic(self, rel: str, data: bytes) -> None:
-        target = self._path(rel)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._path("tmp"))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(self._path(rel), data, tmp_dir=self._path("tmp"))
 
     @contextmanager
     def temp_file(self) -> Iterator[tuple[str, IO[bytes]]]:

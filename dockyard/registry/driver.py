@@ -8,11 +8,11 @@ import ctypes
 import ctypes.util
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Optional, Protocol
 
+from dockyard.fsutil import atomic_write, fsync_dir
 from dockyard.registry.errors import InvalidPath, PathNotFound
 
 _ALLOWED = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-/")
@@ -63,14 +63,6 @@ class StorageDriver(Protocol):
     def walk(self, path: str) -> Iterator[FileInfo]: ...
 
     def local_path(self, path: str) -> str | None: ...
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _load_sync_file_range() -> Optional[Callable[[int, int, int], None]]:
@@ -169,25 +161,7 @@ class FilesystemDriver:
     def put_content(self, path: str, data: bytes, durable: bool = True) -> None:
         """Atomic (temp + rename) always; durable (fsync of file and directory) unless told
         the content may be lost in a power cut (an upload's start time)."""
-        full = self._full(path)
-        directory = os.path.dirname(full)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, full)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        if durable:
-            _fsync_dir(directory)
+        atomic_write(self._full(path), data, durable=durable)
 
     def reader(self, path: str, offset: int = 0) -> BinaryIO:
         try:
@@ -224,7 +198,7 @@ class FilesystemDriver:
             os.replace(src, dst)
         except FileNotFoundError as exc:
             raise PathNotFound(source) from exc
-        _fsync_dir(os.path.dirname(dst))
+        fsync_dir(os.path.dirname(dst))
 
     def delete(self, path: str) -> None:
         full = self._full(path)

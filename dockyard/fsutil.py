@@ -1,0 +1,45 @@
+"""Crash-safe file writes shared by the core: a temp file in a directory on the same filesystem,
+written, fsynced, renamed over the target, and the directory fsynced, so a reader sees the old
+content or the new, never a part."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: str,
+    data: bytes,
+    mode: int = 0o644,
+    durable: bool = True,
+    tmp_dir: Optional[str] = None,
+) -> None:
+    """Replace `path` with `data` atomically; `durable` adds the fsyncs (file and directory).
+    `tmp_dir` must be on the same filesystem (default: the target's directory)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or directory, prefix=".tmp-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_dir(directory)
