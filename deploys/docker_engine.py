@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from pyinfra import host
@@ -81,7 +81,6 @@ class EnginePlan:
     repo_key_url: Optional[str] = None
     repo_line: Optional[str] = None
     repo_file_url: Optional[str] = None
-    notes: list[str] = field(default_factory=list)
 
 
 def engine_plan(distro: Distro, data: Any) -> EnginePlan:

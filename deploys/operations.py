@@ -24,20 +24,6 @@ def fail_command(message: str) -> StringCommand:
     return StringCommand(f"echo {shlex.quote('dockyard: ' + message)} >&2; exit 1")
 
 
-@operation()
-def refuse(reason: str):
-    """
-    Fail this host with a reason, without touching it (the other hosts go on).
-
-    + reason: the sentence the operator reads in the run output
-
-    .. code:: python
-
-        refuse(name="Refuse the storage configuration", reason="overlay2 needs ...")
-    """
-    yield fail_command(reason)
-
-
 def render_json(config: dict[str, Any]) -> str:
     """daemon.json as dockyard writes it: sorted keys, two-space indent, final newline."""
     return json.dumps(config, indent=2, sort_keys=True) + "\n"

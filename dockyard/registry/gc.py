@@ -5,7 +5,6 @@ share, after marking again every manifest written since marking began."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable
@@ -230,14 +229,3 @@ def _all_blobs(registry: Registry) -> list[p.Digest]:
                 except DigestInvalid:
                     continue
     return out
-
-
-def summary_json(result: GCResult) -> str:
-    return json.dumps(
-        {
-            "marked": len(result.marked),
-            "deleted_blobs": result.deleted_blobs,
-            "deleted_manifests": result.deleted_manifests,
-            "kept_young": len(result.kept_young),
-        }
-    )

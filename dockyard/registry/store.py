@@ -86,9 +86,6 @@ class Registry:
             return False
         return True
 
-    def blob_local_path(self, digest: p.Digest) -> Optional[str]:
-        return self.driver.local_path(p.path_for(p.BlobData(digest)))
-
     def open_blob(self, digest: p.Digest, offset: int = 0) -> BinaryIO:
         try:
             return self.driver.reader(p.path_for(p.BlobData(digest)), offset)
@@ -100,12 +97,6 @@ class Registry:
             return self.driver.get_content(p.path_for(p.BlobData(digest)))
         except PathNotFound as exc:
             raise BlobUnknown({"digest": str(digest)}) from exc
-
-    def _put_blob_bytes(self, data: bytes) -> p.Digest:
-        digest = p.Digest("sha256", hashlib.sha256(data).hexdigest())
-        if not self.blob_exists(digest):
-            self.driver.put_content(p.path_for(p.BlobData(digest)), data)
-        return digest
 
     # ---- repositories ------------------------------------------------------------------
     def repository_exists(self, name: str) -> bool:
