@@ -4,7 +4,7 @@ restarts the engine only on change and rolls back when the engine does not come 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from pyinfra.api import deploy
 
@@ -29,14 +29,6 @@ def managed_keys(current: dict[str, Any]) -> dict[str, Any]:
     return keys
 
 
-def expected_driver() -> Optional[str]:
-    """The storage driver the engine must report after a restart; None when refused."""
-    try:
-        return docker_storage.current_plan().driver
-    except docker_storage.StorageRefused:
-        return None
-
-
 @deploy("Configure the Docker daemon", data_defaults=DEFAULTS)
 def configure_docker_daemon() -> None:
     """
@@ -56,6 +48,5 @@ def configure_docker_daemon() -> None:
     daemon_json(
         name="Write daemon.json, validate it, restart the engine on change and verify the driver",
         keys=managed_keys,
-        expect_driver=expected_driver,
         path=str(host.data.get("docker_daemon_config_path")),
     )

@@ -102,7 +102,6 @@ def apply_script(path: str, staged: str, expect_driver: str, timeout: int) -> st
 @operation()
 def daemon_json(
     keys: Callable[[dict[str, Any]], dict[str, Any]],
-    expect_driver: Callable[[], Optional[str]],
     path: str = "/etc/docker/daemon.json",
 ):
     """
@@ -110,14 +109,13 @@ def daemon_json(
     storage driver it reports and roll back to the previous file when it does not come up.
 
     + keys: given the current content, returns the managed keys (None removes a key); called
-      when the operation runs
-    + expect_driver: returns the storage driver `docker info` must report afterwards
+      when the operation runs. Their "storage-driver" is what `docker info` must report
+      afterwards; without one (the storage configuration was refused) nothing is written.
     + path: the daemon configuration file
 
     .. code:: python
 
-        daemon_json(keys=lambda current: {"storage-driver": "overlay2"},
-                    expect_driver=lambda: "overlay2")
+        daemon_json(keys=lambda current: {"storage-driver": "overlay2"})
     """
     current = host.get_fact(JsonFile, path=path)
     if current["error"]:
@@ -127,8 +125,8 @@ def daemon_json(
         )
         return
     wanted = keys(current["content"] or {})
-    driver = expect_driver()
-    if driver is None:
+    driver = wanted.get("storage-driver")
+    if not driver:
         host.noop(f"{path} left as it is: the storage configuration was refused")
         return
     merged = merge_config(current["content"] or {}, wanted)

@@ -20,6 +20,7 @@ import pytest
 
 from dockyard import defaults
 from tests.fleet.conftest import LAB_NAME, run_deploy
+from tests.helpers import docker_import
 
 pytestmark = pytest.mark.lab
 STATE = Path(os.environ.get("DOCKYARD_LAB_DIR") or defaults.lab_state_dir())
@@ -58,11 +59,7 @@ def pushed(
     (src / "hello.txt").write_text("hello from the fleet registry\n")
     (src / "data.bin").write_bytes(os.urandom(300_000))
     local = "dockyard-test/fleet:1"
-    tar = subprocess.Popen(["tar", "-C", str(src), "-c", "."], stdout=subprocess.PIPE)
-    subprocess.run(
-        ["docker", "import", "-", local], stdin=tar.stdout, check=True, capture_output=True
-    )
-    tar.wait()
+    docker_import(src, local)
     ref = f"{endpoint}/fleet/app:1"
     proc = subprocess.run(
         [
@@ -83,6 +80,25 @@ def pushed(
     subprocess.run(["docker", "rmi", "-f", local], capture_output=True, check=False)
     assert proc.returncode == 0, proc.stderr
     return ref
+
+
+def _inspect(ca_dir: Path, password: str, ref: str) -> subprocess.CompletedProcess[str]:
+    """skopeo inspect through the fleet CA with the registry's credentials."""
+    return subprocess.run(
+        [
+            "skopeo",
+            "inspect",
+            "--cert-dir",
+            str(ca_dir),
+            "--creds",
+            f"fleet:{password}",
+            f"docker://{ref}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def _get(endpoint: str, ca: Path, auth: str | None = None) -> tuple[int, str]:
@@ -257,21 +273,7 @@ def test_registry_data_survives_a_kill(
             except OSError:
                 pass
         time.sleep(0.5)
-    proc = subprocess.run(
-        [
-            "skopeo",
-            "inspect",
-            "--cert-dir",
-            str(ca_dir),
-            "--creds",
-            f"fleet:{password}",
-            f"docker://{pushed}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = _inspect(ca_dir, password, pushed)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["Layers"]) == 1
 
@@ -307,21 +309,7 @@ def test_upstream_registry_image_from_an_archive(
     host = hosts[storage["name"]]
 
     def inspect() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                "skopeo",
-                "inspect",
-                "--cert-dir",
-                str(ca_dir),
-                "--creds",
-                f"fleet:{password}",
-                f"docker://{pushed}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return _inspect(ca_dir, password, pushed)
 
     try:
         run = run_deploy(*limit, *image)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import docker_import
 from tests.integration.conftest import RegistryServer, make_server
 
 
@@ -30,11 +31,7 @@ def local_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (src / "etc").mkdir()
     (src / "etc" / "motd").write_text("dockyard test image\n")
     ref = "dockyard-test/clients:1"
-    tar = subprocess.Popen(["tar", "-C", str(src), "-c", "."], stdout=subprocess.PIPE)
-    subprocess.run(
-        ["docker", "import", "-", ref], stdin=tar.stdout, check=True, capture_output=True
-    )
-    tar.wait()
+    docker_import(src, ref)
     yield ref
     run("docker", "rmi", "-f", ref, check=False)
 

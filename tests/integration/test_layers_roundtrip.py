@@ -7,7 +7,6 @@ private CA, basic auth and bearer tokens, and an interrupted download resumes wi
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import os
 import shutil
@@ -19,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
 
+from dockyard import pki as fleet_pki
+from tests.helpers import docker_import
 from tests.integration.conftest import free_port, make_server
 from tests.integration.test_clients import run
-from tests.integration.test_security import _cert, _write
 from tests.unit.test_graph_drivers import snapshot
 
 BIN = Path(sys.executable).parent
@@ -57,11 +56,7 @@ def source_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (src / "var/cache").mkdir(parents=True)
     (src / "var/cache/blob").write_bytes(os.urandom(1_500_000))
     ref = "dockyard-test/roundtrip:1"
-    tar = subprocess.Popen(["tar", "-C", str(src), "-c", "."], stdout=subprocess.PIPE)
-    subprocess.run(
-        ["docker", "import", "-", ref], stdin=tar.stdout, check=True, capture_output=True
-    )
-    tar.wait()
+    docker_import(src, ref)
     yield ref
     run("docker", "rmi", "-f", ref, check=False)
 
@@ -208,16 +203,7 @@ def test_export_docker_archive_is_loaded_by_docker(source_image: str, tmp_path: 
 
 
 def _make_pki(base: Path) -> Path:
-    ca_key, ca = _cert("roundtrip CA", None, None, ca=True)
-    _write(base / "ca", ca_key, ca)
-    key, cert = _cert(
-        "registry",
-        ca_key,
-        ca.subject,
-        ca=False,
-        san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-    )
-    _write(base / "server", key, cert)
+    fleet_pki.ensure_server_cert(base, "server", [], ["127.0.0.1"])
     return base
 
 

@@ -4,7 +4,6 @@ mode, the health endpoint, REGISTRY_* environment overrides, config errors and u
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import socket
@@ -15,70 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from dockyard import pki as fleet_pki
 from tests.integration.conftest import free_port, make_server, push_blob, write_config
 
 BIN = Path(sys.executable).parent
 
 
-def _cert(
-    name: str,
-    issuer_key: ec.EllipticCurvePrivateKey | None,
-    issuer: x509.Name | None,
-    ca: bool,
-    san: list[x509.GeneralName] | None = None,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer or subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return key, builder.sign(issuer_key or key, hashes.SHA256())
-
-
-def _write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
-    path.with_suffix(".key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.with_suffix(".key").chmod(0o600)
-    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fleet CA with a server and a client certificate, made by dockyard.pki itself."""
     base = tmp_path_factory.mktemp("pki")
-    ca_key, ca = _cert("dockyard test CA", None, None, ca=True)
-    _write(base / "ca", ca_key, ca)
-    import ipaddress
-
-    key, cert = _cert(
-        "registry",
-        ca_key,
-        ca.subject,
-        ca=False,
-        san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-    )
-    _write(base / "server", key, cert)
-    ckey, ccert = _cert("client", ca_key, ca.subject, ca=False)
-    _write(base / "client", ckey, ccert)
+    fleet_pki.ensure_server_cert(base, "server", ["localhost"], ["127.0.0.1"])
+    fleet_pki.ensure_client_cert(base, "client")
     return base
 
 

@@ -19,7 +19,8 @@ RUNNING_OVERLAY2 = ["Docker version 20.10.24+dfsg1, build 297e128", "overlay2|/v
 
 def _run(fake: FakeHost, keys: dict[str, Any], driver: str | None) -> list[Any]:
     with as_current(fake):
-        return list(daemon_json._inner(keys=lambda current: keys, expect_driver=lambda: driver))
+        assert keys.get("storage-driver") == driver  # the driver comes from the managed keys
+        return list(daemon_json._inner(keys=lambda current: keys))
 
 
 def test_merge_keeps_hand_set_keys_and_removes_none() -> None:
