@@ -212,6 +212,32 @@ def test_unsatisfiable_range(registry: RegistryServer) -> None:
     check(registry, status == 416, "breaks the connection on an unsatisfiable range", status)
 
 
+def test_downloads_keep_alive_and_survive_abandoned_ones(registry: RegistryServer) -> None:
+    """Two whole downloads (and a range) on one keep-alive connection come back byte-exact, and
+    clients that hang up mid-download leave the registry serving everyone else."""
+    data = os.urandom(6 * 1024 * 1024 + 123)
+    digest = push_blob(registry, "suite/download", data)
+    path = f"/v2/suite/download/blobs/{digest}"
+    conn = http.client.HTTPConnection("127.0.0.1", registry.port, timeout=30)
+    try:
+        for headers in ({}, {"Range": "bytes=1000-"}, {}):
+            conn.request("GET", path, headers=headers)
+            reply = conn.getresponse()
+            body = reply.read()
+            assert body == (data[1000:] if headers else data), (reply.status, len(body))
+            assert reply.status == (206 if headers else 200)
+        for _ in range(4):
+            with socket.create_connection(("127.0.0.1", registry.port), timeout=30) as sock:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert sock.recv(65536)  # some of it, then hang up
+        conn.request("GET", path)
+        reply = conn.getresponse()
+        assert reply.status == 200 and reply.read() == data
+    finally:
+        conn.close()
+    assert registry.request("GET", "/v2/").status == 200
+
+
 def test_blob_unknown_and_not_linked(registry: RegistryServer) -> None:
     missing = registry.request("GET", f"/v2/suite/unknown/blobs/{sha256(b'nothing here')}")
     assert missing.status == 404 and "BLOB_UNKNOWN" in missing.error_codes()
