@@ -17,6 +17,15 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def fsync_path(path: str) -> None:
+    """fsync a file by name (its data and size)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(
     path: str,
     data: bytes,

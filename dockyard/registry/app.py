@@ -51,6 +51,8 @@ log = logging.getLogger("dockyard.registry")
 API_VERSION = ("Docker-Distribution-Api-Version", "registry/2.0")
 # Bytes handed to the writer per step while streaming an upload body.
 STREAM_CHUNK = 1024 * 1024
+# Request bodies up to this size are hashed and written on the event loop (see _stream_into).
+INLINE_BODY_MAX = 2 * 1024 * 1024
 # Milliseconds a download may wait for the client to read before it is dropped.
 SEND_STALL_MS = 120_000
 # Bytes per read/write step of a download (see _send_range).
@@ -425,10 +427,21 @@ class RegistryApp:
 
     async def _stream_into(
         self, request: web.Request, name: str, upload_id: str, start: Optional[int]
-    ) -> int:
+    ) -> tuple[int, int]:
+        """Append the request body to an upload: (bytes received, upload size after)."""
         loop = asyncio.get_running_loop()
+        declared = request.content_length
         with self.registry.append_upload(name, upload_id, start) as appender:
             before = appender.size
+            if declared is not None and declared <= INLINE_BODY_MAX:
+                # A small body: each chunk hashed and written as it arrives, overlapping the
+                # client's sending, with no thread hop.
+                try:
+                    while chunk := await request.content.readany():
+                        appender.write(chunk)
+                except (ConnectionResetError, asyncio.IncompleteReadError) as exc:
+                    raise BlobUploadInvalid(message="upload body was cut short") from exc
+                return appender.size - before, appender.size
             # Pipeline: a worker thread hashes and writes one batch (hashlib and file writes
             # release the GIL) while the event loop receives the next one.
             writing: Optional[asyncio.Future[None]] = None
@@ -456,7 +469,7 @@ class RegistryApp:
             finally:
                 if writing is not None:
                     await writing
-            return appender.size - before
+            return appender.size - before, appender.size
 
     def _check_length(self, request: web.Request, received: int) -> None:
         declared = request.headers.get("Content-Length")
@@ -477,7 +490,7 @@ class RegistryApp:
         status = self.registry.start_upload(name)
         if "digest" in request.query:
             digest = _digest_param(request.query.get("digest"))
-            received = await self._stream_into(request, name, status.upload_id, None)
+            received, _ = await self._stream_into(request, name, status.upload_id, None)
             self._check_length(request, received)
             await asyncio.to_thread(self.registry.finish_upload, name, status.upload_id, digest)
             return self._created(name, digest)
@@ -506,18 +519,16 @@ class RegistryApp:
     ) -> web.StreamResponse:
         name, upload_id = params["name"], p.validate_upload_id(params["upload"])
         start, end = _content_range(request.headers.get("Content-Range"))
-        received = await self._stream_into(request, name, upload_id, start)
+        received, size = await self._stream_into(request, name, upload_id, start)
         ensure_upload_offsets(start, end, received)
-        status = self.registry.upload_status(name, upload_id)
-        return web.Response(status=202, headers=self._upload_headers(name, upload_id, status.size))
+        return web.Response(status=202, headers=self._upload_headers(name, upload_id, size))
 
     async def upload_put(self, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
         name, upload_id = params["name"], p.validate_upload_id(params["upload"])
         digest = _digest_param(request.query.get("digest"))
-        self.registry.upload_status(name, upload_id)
         if request.can_read_body:
             start, end = _content_range(request.headers.get("Content-Range"))
-            received = await self._stream_into(request, name, upload_id, start)
+            received, _ = await self._stream_into(request, name, upload_id, start)
             ensure_upload_offsets(start, end, received)
         await asyncio.to_thread(self.registry.finish_upload, name, upload_id, digest)
         return self._created(name, digest)

@@ -1,21 +1,27 @@
 """Storage drivers: the small interface the registry stores on (get/put content, reader, writer
-with commit/cancel, stat, list, move, delete, walk), and the filesystem driver. Every write is
-atomic: a temp file in the same directory, fsync, rename, fsync of the directory."""
+with commit/cancel, stat, list, move-then-put, delete, walk), and the filesystem driver. Every
+write is atomic: a temp file in the same directory, fsync, rename, fsync of the directory."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Optional, Protocol
 
-from dockyard.fsutil import atomic_write, fsync_dir
+from dockyard.fsutil import atomic_write, fsync_dir, fsync_path
 from dockyard.registry.errors import InvalidPath, PathNotFound
 
-_ALLOWED = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-/")
+# A storage path: '/'-separated components of these characters (a trailing '/' is allowed) ...
+_SAFE_PATH = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*/?")
+# ... none of which is `.` or `..`.
+_DOT_PARTS = re.compile(r"(?:^|/)\.{1,2}(?:/|$)")
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,7 @@ class StorageDriver(Protocol):
 
     def list(self, path: str) -> list[str]: ...
 
-    def move(self, source: str, dest: str) -> None: ...
+    def move_then_put(self, source: str, dest: str, path: str, data: bytes) -> None: ...
 
     def delete(self, path: str) -> None: ...
 
@@ -81,15 +87,20 @@ def _load_sync_file_range() -> Optional[Callable[[int, int, int], None]]:
 
 
 _SYNC_FILE_RANGE = _load_sync_file_range()
+# Threads that run one fsync while the calling thread runs another (see move_then_put).
+_SYNCERS = ThreadPoolExecutor(16, thread_name_prefix="fsync")
 # Bytes written before writeback of them is started, so the final fsync has little left.
 WRITEBACK_STEP = 8 * 1024 * 1024
 
 
 class _FsWriter:
     def __init__(self, full: str, append: bool) -> None:
-        os.makedirs(os.path.dirname(full), exist_ok=True)
         self._path = full
-        self._file = open(full, "ab" if append else "wb")  # noqa: SIM115 - closed in close()
+        try:
+            self._file = open(full, "ab" if append else "wb")  # noqa: SIM115 - closed in close()
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            self._file = open(full, "ab" if append else "wb")  # noqa: SIM115 - as above
         self._size = self._file.tell()
         self._kicked = self._size
         self._closed = False
@@ -136,17 +147,13 @@ class FilesystemDriver:
         self.root = os.path.abspath(root)
 
     def _full(self, path: str) -> str:
-        parts = path.strip("/").split("/") if path.strip("/") else []
-        if (
-            not set(path) <= _ALLOWED
-            or any(p in ("", ".", "..") for p in parts)
-            or path.startswith("/")
-        ):
+        """The absolute path of a relative storage path: safe characters only, no empty, `.`
+        or `..` component, so the result is always inside the root."""
+        if path == "":
+            return self.root
+        if _SAFE_PATH.fullmatch(path) is None or _DOT_PARTS.search(path) is not None:
             raise InvalidPath(path)
-        full = os.path.join(self.root, *parts)
-        if os.path.commonpath([self.root, full]) != self.root:
-            raise InvalidPath(path)
-        return full
+        return f"{self.root}/{path.rstrip('/')}"
 
     def local_path(self, path: str) -> str | None:
         return self._full(path)
@@ -191,23 +198,54 @@ class FilesystemDriver:
         base = path.strip("/")
         return [f"{base}/{n}" if base else n for n in names if not n.startswith(".tmp-")]
 
-    def move(self, source: str, dest: str) -> None:
-        src, dst = self._full(source), self._full(dest)
+    def move_then_put(self, source: str, dest: str, path: str, data: bytes) -> None:
+        """Durably move `source` to `dest`, then durably write `data` at `path` (atomically).
+
+        What a finished upload needs: the blob is in place before its link appears, and both
+        are on disk before this returns. The fsyncs run two at a time: the source file's
+        alongside the link's temp file, then, after the two renames (blob first), the two
+        directories. On a journalling filesystem each pair shares one journal commit, so a
+        small blob costs two commits instead of four."""
+        src, dst, target = self._full(source), self._full(dest), self._full(path)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        syncing = _SYNCERS.submit(fsync_path, src)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
         try:
-            os.replace(src, dst)
-        except FileNotFoundError as exc:
-            raise PathNotFound(source) from exc
-        fsync_dir(os.path.dirname(dst))
+            try:
+                os.fchmod(fd, 0o644)
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            syncing.result()
+            try:
+                os.replace(src, dst)
+            except FileNotFoundError as exc:
+                raise PathNotFound(source) from exc
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        syncing = _SYNCERS.submit(fsync_dir, os.path.dirname(dst))
+        fsync_dir(os.path.dirname(target))
+        syncing.result()
 
     def delete(self, path: str) -> None:
+        """Remove a file, or a directory with everything below it."""
         full = self._full(path)
-        if os.path.isdir(full) and not os.path.islink(full):
+        try:
+            os.unlink(full)  # a file or a symlink: one call
+            return
+        except FileNotFoundError as exc:
+            raise PathNotFound(path) from exc
+        except IsADirectoryError:
+            pass
+        try:
+            os.rmdir(full)  # an empty directory: one more
+        except OSError:
             shutil.rmtree(full)
-        elif os.path.lexists(full):
-            os.unlink(full)
-        else:
-            raise PathNotFound(path)
 
     def walk(self, path: str) -> Iterator[FileInfo]:
         full = self._full(path)

@@ -235,22 +235,27 @@ class Registry:
             raise DigestInvalid(
                 {"expected": str(expected), "actual": f"{expected.algorithm}:{actual}"}
             )
-        if not self.blob_exists(expected):
-            local = self.driver.local_path(data_path)
-            if local is not None:
-                fd = os.open(local, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            self.driver.move(data_path, p.path_for(p.BlobData(expected)))
-        self.link_blob(name, expected)
+        link = p.path_for(p.LayerLink(name, expected))
+        if self.blob_exists(expected):
+            self.link_blob(name, expected)
+        else:
+            # blob in place first, then its link; both durable before the 201
+            self.driver.move_then_put(
+                data_path, p.path_for(p.BlobData(expected)), link, str(expected).encode()
+            )
         self.cancel_upload(name, upload_id)
         return expected
 
     def cancel_upload(self, name: str, upload_id: str) -> None:
         with self._lock:
             self._hashes.pop((name, upload_id), None)
+        # The files this registry writes first (cheaper than walking the directory), then the
+        # directory with whatever else is in it (distribution's hashstates).
+        for leftover in (p.UploadStartedAt(name, upload_id), p.UploadData(name, upload_id)):
+            try:
+                self.driver.delete(p.path_for(leftover))
+            except (PathNotFound, NotADirectoryError):
+                pass
         try:
             self.driver.delete(p.path_for(p.UploadRoot(name, upload_id)))
         except PathNotFound as exc:
