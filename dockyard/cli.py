@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     reg_serve = reg_sub.add_parser("serve", help="serve a registry from a distribution config.yml")
     reg_serve.add_argument("--config", required=True, help="path of config.yml")
     reg_serve.add_argument("config_positional", nargs="?", help=argparse.SUPPRESS)
+    reg_serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="serving processes sharing the port (default: one per CPU, at most 4)",
+    )
     reg_gc = reg_sub.add_parser(
         "garbage-collect", help="delete blobs no manifest references (safe while serving)"
     )
@@ -303,10 +309,10 @@ def _registry(args: argparse.Namespace) -> int:
         print(f"dockyard: warning: {message}", file=sys.stderr)
 
     if args.registry_command == "serve":
-        from dockyard.registry.server import serve
+        from dockyard.registry.server import check_workers, default_workers, serve
 
-        serve(load_config(args.config, warn=warn))
-        return 0
+        workers = check_workers(default_workers() if args.workers is None else args.workers)
+        return serve(load_config(args.config, warn=warn), workers)
     from dockyard.registry import gc
     from dockyard.registry.driver import FilesystemDriver
     from dockyard.registry.store import Registry

@@ -176,8 +176,10 @@ def _page(items: list[str], request: web.Request, default: Optional[int], cap: i
 class RegistryApp:
     """Holds the configuration and stores; builds the aiohttp application."""
 
-    def __init__(self, config: RegistryConfig) -> None:
+    def __init__(self, config: RegistryConfig, background: bool = True) -> None:
         self.config = config
+        # upload purging runs in one process only (the first of several workers)
+        self.background = background
         os.makedirs(config.rootdirectory, exist_ok=True)
         self.registry = Registry(FilesystemDriver(config.rootdirectory), config.delete_enabled)
         self.htpasswd: dict[str, bytes] = {}
@@ -236,7 +238,7 @@ class RegistryApp:
 
     async def _background(self, app: web.Application) -> Any:
         tasks = []
-        if self.config.purge_enabled and not self.config.readonly:
+        if self.config.purge_enabled and not self.config.readonly and self.background:
             tasks.append(asyncio.create_task(self._purge_loop()))
         if self.config.health_enabled:
             tasks.append(asyncio.create_task(self._health_loop()))

@@ -1,17 +1,40 @@
 """Run the registry: TLS context (1.2 minimum, optional client certificates), logging, and the
-aiohttp server on `http.addr`."""
+aiohttp server on `http.addr`, in one process or several (prefork) sharing one socket."""
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
+import errno
 import logging
+import os
+import signal
+import socket
 import ssl
 import sys
+import time
+from collections.abc import AsyncIterator
 from typing import Optional
 
 from aiohttp import web
 
 from dockyard.registry.app import RegistryApp
 from dockyard.registry.config import RegistryConfig
+
+log = logging.getLogger("dockyard.registry")
+
+# Default serving processes: one per CPU up to this many; --workers may go up to MAX_WORKERS.
+MAX_DEFAULT_WORKERS = 4
+MAX_WORKERS = 64
+LISTEN_BACKLOG = 1024
+# Seconds a start keeps retrying a bind that finds the port still held by a dying registry.
+BIND_RETRY_SECONDS = 10.0
+# Seconds between checks that every worker is alive.
+WATCH_INTERVAL = 1.0
+PR_SET_PDEATHSIG = 1
+# Workers that died (pids), for the exit code.
+_FAILED: list[int] = []
 
 _LEVELS = {
     "error": logging.ERROR,
@@ -37,25 +60,142 @@ def tls_context(config: RegistryConfig) -> Optional[ssl.SSLContext]:
     return context
 
 
-def serve(config: RegistryConfig) -> None:
+def default_workers() -> int:
+    """One serving process per CPU, at most MAX_DEFAULT_WORKERS."""
+    return max(1, min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1))
+
+
+def check_workers(workers: int) -> int:
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"--workers {workers}: must be between 1 and {MAX_WORKERS}")
+    return workers
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket every worker accepts on. A restart right after a kill may find the
+    old workers still closing it: binding is retried for a few seconds."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + BIND_RETRY_SECONDS
+    while True:
+        try:
+            return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive the process that started it (a killed registry is gone)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _run(config: RegistryConfig, sock: socket.socket, primary: bool, children: list[int]) -> None:
+    registry_app = RegistryApp(config, background=primary)
+    app = registry_app.build()
+    if primary and children:
+        app.on_shutdown.append(lambda _app: _stop_workers(children))
+        app.cleanup_ctx.append(lambda _app: _watch_workers(children))
+    web.run_app(
+        app,
+        sock=sock,
+        ssl_context=tls_context(config),
+        print=None,
+        access_log=None,
+        handle_signals=True,
+    )
+
+
+async def _stop_workers(children: list[int]) -> None:
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+async def _watch_workers(children: list[int]) -> AsyncIterator[None]:
+    """Stop the whole registry when a worker dies, so the service manager restarts it whole."""
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            for pid in children:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    children.remove(pid)
+                    if status != 0:
+                        _FAILED.append(pid)
+                    log.error(
+                        "worker %d exited (%s): stopping the registry", pid, _describe(status)
+                    )
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+
+    task = asyncio.create_task(watch())
+    yield
+    task.cancel()
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"status {os.waitstatus_to_exitcode(status)}"
+
+
+def serve(config: RegistryConfig, workers: int = 1) -> int:
+    """Serve until SIGTERM/SIGINT. With workers > 1, the first process forks workers - 1 more
+    that accept on the same socket (each with its own event loop and threads; an upload may
+    move between them, its digest state is then rebuilt from storage). Returns the exit code:
+    non-zero when a worker died."""
     logging.basicConfig(
         level=_LEVELS[config.log_level],
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    app = RegistryApp(config).build()
+    check_workers(workers)
+    tls_context(config)  # a bad certificate or key fails here, before anything forks
     host, port = config.host_port
+    sock = _listen(host, port)
     scheme = "https" if config.tls else "http"
-    logging.getLogger("dockyard.registry").warning(
-        "listening on %s://%s:%d, storage %s", scheme, host, port, config.rootdirectory
+    log.warning(
+        "listening on %s://%s:%d, storage %s, %d worker%s",
+        scheme,
+        host,
+        port,
+        config.rootdirectory,
+        workers,
+        "" if workers == 1 else "s",
     )
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        ssl_context=tls_context(config),
-        print=None,
-        access_log=None,
-        handle_signals=True,
-    )
+    parent = os.getpid()
+    children: list[int] = []
+    for _ in range(workers - 1):
+        pid = os.fork()
+        if pid == 0:
+            _die_with_parent(parent)
+            code = 1
+            try:
+                _run(config, sock, primary=False, children=[])
+                code = 0
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+            finally:
+                os._exit(code)
+        children.append(pid)
+    try:
+        _run(config, sock, primary=True, children=children)
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+    return 1 if _FAILED else 0

@@ -61,6 +61,8 @@ class RegistryServer:
     process: Optional[subprocess.Popen[bytes]] = None
     log_path: Optional[Path] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # extra arguments of `dockyard registry serve` (e.g. --workers)
+    serve_args: list[str] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -68,7 +70,14 @@ class RegistryServer:
 
     def command(self) -> list[str]:
         if self.kind == "dockyard":
-            return [str(BIN / "dockyard"), "registry", "serve", "--config", str(self.config_path)]
+            return [
+                str(BIN / "dockyard"),
+                "registry",
+                "serve",
+                "--config",
+                str(self.config_path),
+                *self.serve_args,
+            ]
         return ["docker-registry", "serve", str(self.config_path)]
 
     def start(self) -> None:
@@ -140,11 +149,22 @@ def _tools() -> None:
 
 
 def make_server(
-    kind: str, base: Path, extra: Optional[dict[str, Any]] = None, start: bool = True
+    kind: str,
+    base: Path,
+    extra: Optional[dict[str, Any]] = None,
+    start: bool = True,
+    serve_args: Optional[list[str]] = None,
 ) -> RegistryServer:
     base.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    server = RegistryServer(kind, base, port, write_config(base, port, extra), extra=extra or {})
+    server = RegistryServer(
+        kind,
+        base,
+        port,
+        write_config(base, port, extra),
+        extra=extra or {},
+        serve_args=serve_args or [],
+    )
     server.log_path = base / "server.log"
     if start:
         server.start()

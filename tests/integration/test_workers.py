@@ -1,0 +1,147 @@
+"""dockyard's registry as several processes on one port (`--workers`): uploads that move between
+workers finish with the right digest (and a wrong one is still refused), a killed registry takes
+its workers along and can start again on the same port at once, a dead worker stops the
+registry with a non-zero exit, SIGTERM stops all of them cleanly, and a bad count is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.integration.conftest import (
+    BIN,
+    RegistryServer,
+    location_path,
+    make_server,
+    sha256,
+    with_digest,
+)
+
+# Seconds allowed for processes to go away after a signal.
+EXIT_TIMEOUT = 10.0
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_gone(pids: list[int]) -> list[int]:
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+def chunked_upload(server: RegistryServer, repo: str, data: bytes, digest: str) -> int:
+    """POST, three PATCHes and the PUT, each on a new connection (so on any worker)."""
+    start = server.request("POST", f"/v2/{repo}/blobs/uploads/")
+    assert start.status == 202
+    location = location_path(start.headers["location"])
+    step = len(data) // 3 + 1
+    for offset in range(0, len(data), step):
+        part = data[offset : offset + step]
+        reply = server.request(
+            "PATCH",
+            location,
+            body=part,
+            headers={
+                "Content-Range": f"{offset}-{offset + len(part) - 1}",
+                "Content-Type": "application/octet-stream",
+            },
+        )
+        assert reply.status == 202, (reply.status, reply.body[:200])
+        location = location_path(reply.headers["location"])
+    return server.request("PUT", with_digest(location, digest)).status
+
+
+def test_uploads_moving_between_workers(tmp_path: Path) -> None:
+    server = make_server("dockyard", tmp_path / "w", serve_args=["--workers", "3"])
+    try:
+        assert server.process is not None
+        assert len(children_of(server.process.pid)) == 2  # the first process serves too
+        for i in range(12):
+            data = hashlib.sha256(str(i).encode()).digest() * (10_000 + i)
+            assert chunked_upload(server, "workers/blobs", data, sha256(data)) == 201
+            got = server.request("GET", f"/v2/workers/blobs/blobs/{sha256(data)}")
+            assert got.status == 200 and got.body == data
+        wrong = sha256(b"something else")
+        status = chunked_upload(server, "workers/blobs", b"x" * 90_000, wrong)
+        assert status == 400
+        assert server.request("HEAD", f"/v2/workers/blobs/blobs/{wrong}").status == 404
+    finally:
+        server.stop()
+
+
+def test_killed_registry_takes_its_workers_along(tmp_path: Path) -> None:
+    server = make_server("dockyard", tmp_path / "k", serve_args=["--workers", "2"])
+    assert server.process is not None
+    workers = children_of(server.process.pid)
+    assert len(workers) == 1
+    server.stop(signal.SIGKILL)
+    assert wait_gone(workers) == []
+    server.start()  # same port, right away
+    try:
+        assert server.request("GET", "/v2/").status == 200
+    finally:
+        server.stop()
+
+
+def test_a_dead_worker_stops_the_registry(tmp_path: Path) -> None:
+    server = make_server("dockyard", tmp_path / "d", serve_args=["--workers", "2"])
+    assert server.process is not None and server.log_path is not None
+    (worker,) = children_of(server.process.pid)
+    os.kill(worker, signal.SIGKILL)
+    assert server.process.wait(timeout=EXIT_TIMEOUT) == 1
+    assert f"worker {worker} exited (signal 9)" in server.log_path.read_text()
+
+
+def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
+    server = make_server("dockyard", tmp_path / "t", serve_args=["--workers", "3"])
+    assert server.process is not None
+    workers = children_of(server.process.pid)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=EXIT_TIMEOUT) == 0
+    assert wait_gone(workers) == []
+
+
+def test_bad_worker_count_is_refused(tmp_path: Path) -> None:
+    server = make_server("dockyard", tmp_path / "b", start=False)
+    for bad in ("0", "65"):
+        run = subprocess.run(
+            [
+                str(BIN / "dockyard"),
+                "registry",
+                "serve",
+                "--config",
+                str(server.config_path),
+                "--workers",
+                bad,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert run.returncode == 1
+        assert f"--workers {bad}: must be between 1 and 64" in run.stderr
