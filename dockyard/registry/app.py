@@ -51,6 +51,8 @@ log = logging.getLogger("dockyard.registry")
 API_VERSION = ("Docker-Distribution-Api-Version", "registry/2.0")
 # Bytes handed to the writer per step while streaming an upload body.
 STREAM_CHUNK = 1024 * 1024
+# Seconds between sweeps of in-memory digest states whose upload is gone from storage.
+FORGET_INTERVAL = 600
 # Request bodies up to this size are hashed and written on the event loop (see _stream_into).
 INLINE_BODY_MAX = 2 * 1024 * 1024
 # Milliseconds a download may wait for the client to read before it is dropped.
@@ -242,6 +244,7 @@ class RegistryApp:
             tasks.append(asyncio.create_task(self._purge_loop()))
         if self.config.health_enabled:
             tasks.append(asyncio.create_task(self._health_loop()))
+        tasks.append(asyncio.create_task(self._forget_loop()))
         yield
         for task in tasks:
             task.cancel()
@@ -603,6 +606,12 @@ class RegistryApp:
         while True:
             await asyncio.to_thread(self.purge_uploads)
             await asyncio.sleep(self.config.purge_interval)
+
+    async def _forget_loop(self) -> None:
+        """Drop digest states of uploads another worker finished, cancelled or purged."""
+        while True:
+            await asyncio.sleep(FORGET_INTERVAL)
+            await asyncio.to_thread(self.registry.forget_gone_uploads)
 
     def purge_uploads(self) -> list[tuple[str, str]]:
         """Remove uploads older than storage.maintenance.uploadpurging.age (dry run: list)."""

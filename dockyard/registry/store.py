@@ -246,6 +246,22 @@ class Registry:
         self.cancel_upload(name, upload_id)
         return expected
 
+    def forget_gone_uploads(self) -> int:
+        """Drop the digest states of uploads no longer on storage (finished, cancelled or
+        purged by another process sharing the root); returns how many were dropped."""
+        with self._lock:
+            keys = list(self._hashes)
+        gone = []
+        for name, upload_id in keys:
+            try:
+                self.driver.stat(p.path_for(p.UploadData(name, upload_id)))
+            except (PathNotFound, InvalidPath):
+                gone.append((name, upload_id))
+        with self._lock:
+            for key in gone:
+                self._hashes.pop(key, None)
+        return len(gone)
+
     def cancel_upload(self, name: str, upload_id: str) -> None:
         with self._lock:
             self._hashes.pop((name, upload_id), None)

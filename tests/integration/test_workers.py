@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from dockyard.registry import paths as p
 from tests.integration.conftest import (
     BIN,
     RegistryServer,
@@ -145,3 +146,25 @@ def test_bad_worker_count_is_refused(tmp_path: Path) -> None:
         )
         assert run.returncode == 1
         assert f"--workers {bad}: must be between 1 and 64" in run.stderr
+
+
+def test_digest_states_of_uploads_gone_elsewhere_are_dropped(tmp_path: Path) -> None:
+    """Two processes on one root: what one finishes, the other forgets (no slow leak)."""
+    from dockyard.registry.driver import FilesystemDriver
+    from dockyard.registry.store import Registry
+
+    first = Registry(FilesystemDriver(str(tmp_path)))
+    second = Registry(FilesystemDriver(str(tmp_path)))
+    data = b"layer" * 1000
+    kept = first.start_upload("forget/me")
+    moved = first.start_upload("forget/me")
+    for status in (kept, moved):
+        with first.append_upload("forget/me", status.upload_id) as appender:
+            appender.write(data)
+    second.finish_upload("forget/me", moved.upload_id, p.parse_digest(sha256(data)))
+    assert first.forget_gone_uploads() == 1
+    assert first.forget_gone_uploads() == 0
+    with first.append_upload("forget/me", kept.upload_id) as appender:  # still usable
+        appender.write(b"more")
+    digest = p.parse_digest(sha256(data + b"more"))
+    assert first.finish_upload("forget/me", kept.upload_id, digest) == digest
