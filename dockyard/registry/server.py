@@ -61,8 +61,12 @@ def tls_context(config: RegistryConfig) -> Optional[ssl.SSLContext]:
 
 
 def default_workers() -> int:
-    """One serving process per CPU, at most MAX_DEFAULT_WORKERS."""
-    return max(1, min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1))
+    """One serving process per CPU this process may run on, at most MAX_DEFAULT_WORKERS."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cpus))
 
 
 def check_workers(workers: int) -> int:
