@@ -199,6 +199,28 @@ def with_digest(location: str, digest: str) -> str:
     return f"{location_path(location)}{sep}digest={digest}"
 
 
+def patch_chunks(
+    server: RegistryServer, location: str, data: bytes, step: int, check: bool = True
+) -> str:
+    """PATCH `data` to an upload in `step`-byte chunks with Content-Range, each on a new
+    connection; returns the Location of the last reply (202s asserted when `check`)."""
+    for offset in range(0, len(data), step):
+        chunk = data[offset : offset + step]
+        reply = server.request(
+            "PATCH",
+            location,
+            body=chunk,
+            headers={
+                "Content-Range": f"{offset}-{offset + len(chunk) - 1}",
+                "Content-Type": "application/octet-stream",
+            },
+        )
+        if check:
+            assert reply.status == 202, (reply.status, reply.body[:200])
+        location = location_path(reply.headers["location"])
+    return location
+
+
 def push_blob(server: RegistryServer, repo: str, data: bytes) -> str:
     """POST then PUT with the body: the upload every registry version supports."""
     digest = sha256(data)

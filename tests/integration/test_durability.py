@@ -17,6 +17,7 @@ from tests.integration.conftest import (
     image_manifest,
     location_path,
     make_server,
+    patch_chunks,
     push_blob,
     sha256,
     with_digest,
@@ -56,20 +57,7 @@ def _pusher(server: RegistryServer, stop: threading.Event, seed: int) -> None:
             layer = rng.randbytes(rng.randint(1, 3_000_000))
             start = server.request("POST", "/v2/kill/test/blobs/uploads/")
             location = location_path(start.headers["location"])
-            step = 256 * 1024
-            offset = 0
-            for offset in range(0, len(layer), step):
-                chunk = layer[offset : offset + step]
-                reply = server.request(
-                    "PATCH",
-                    location,
-                    body=chunk,
-                    headers={
-                        "Content-Range": f"{offset}-{offset + len(chunk) - 1}",
-                        "Content-Type": "application/octet-stream",
-                    },
-                )
-                location = location_path(reply.headers["location"])
+            location = patch_chunks(server, location, layer, 256 * 1024, check=False)
             server.request("PUT", with_digest(location, sha256(layer)))
             raw = image_manifest(server, "kill/test", [layer[:1000]])
             server.request(

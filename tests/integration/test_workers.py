@@ -18,6 +18,7 @@ from tests.integration.conftest import (
     RegistryServer,
     location_path,
     make_server,
+    patch_chunks,
     sha256,
     with_digest,
 )
@@ -40,6 +41,31 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def workers_of(server: RegistryServer, count: int) -> list[int]:
+    """The `count` forked workers of a started registry (the port accepts as soon as the first
+    process listens, which is before it forks: wait for them)."""
+    assert server.process is not None
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while len(found := children_of(server.process.pid)) < count:
+        assert time.monotonic() < deadline, f"{len(found)} workers forked, expected {count}"
+        time.sleep(0.05)
+    assert len(found) == count, found
+    return found
+
+
+def catching_sigterm(pids: list[int]) -> None:
+    """Wait until every process has its SIGTERM handler (the event loop is up)."""
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    for pid in pids:
+        while True:
+            status = Path(f"/proc/{pid}/status").read_text()
+            caught = int(status.split("SigCgt:")[1].split()[0], 16)
+            if caught & (1 << (signal.SIGTERM - 1)):
+                break
+            assert time.monotonic() < deadline, f"{pid} never caught SIGTERM"
+            time.sleep(0.05)
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -60,28 +86,14 @@ def chunked_upload(server: RegistryServer, repo: str, data: bytes, digest: str) 
     start = server.request("POST", f"/v2/{repo}/blobs/uploads/")
     assert start.status == 202
     location = location_path(start.headers["location"])
-    step = len(data) // 3 + 1
-    for offset in range(0, len(data), step):
-        part = data[offset : offset + step]
-        reply = server.request(
-            "PATCH",
-            location,
-            body=part,
-            headers={
-                "Content-Range": f"{offset}-{offset + len(part) - 1}",
-                "Content-Type": "application/octet-stream",
-            },
-        )
-        assert reply.status == 202, (reply.status, reply.body[:200])
-        location = location_path(reply.headers["location"])
+    location = patch_chunks(server, location, data, len(data) // 3 + 1)
     return server.request("PUT", with_digest(location, digest)).status
 
 
 def test_uploads_moving_between_workers(tmp_path: Path) -> None:
     server = make_server("dockyard", tmp_path / "w", serve_args=["--workers", "3"])
     try:
-        assert server.process is not None
-        assert len(children_of(server.process.pid)) == 2  # the first process serves too
+        workers_of(server, 2)  # the first process serves too
         for i in range(12):
             data = hashlib.sha256(str(i).encode()).digest() * (10_000 + i)
             assert chunked_upload(server, "workers/blobs", data, sha256(data)) == 201
@@ -97,9 +109,7 @@ def test_uploads_moving_between_workers(tmp_path: Path) -> None:
 
 def test_killed_registry_takes_its_workers_along(tmp_path: Path) -> None:
     server = make_server("dockyard", tmp_path / "k", serve_args=["--workers", "2"])
-    assert server.process is not None
-    workers = children_of(server.process.pid)
-    assert len(workers) == 1
+    workers = workers_of(server, 1)
     server.stop(signal.SIGKILL)
     assert wait_gone(workers) == []
     server.start()  # same port, right away
@@ -112,7 +122,7 @@ def test_killed_registry_takes_its_workers_along(tmp_path: Path) -> None:
 def test_a_dead_worker_stops_the_registry(tmp_path: Path) -> None:
     server = make_server("dockyard", tmp_path / "d", serve_args=["--workers", "2"])
     assert server.process is not None and server.log_path is not None
-    (worker,) = children_of(server.process.pid)
+    (worker,) = workers_of(server, 1)
     os.kill(worker, signal.SIGKILL)
     assert server.process.wait(timeout=EXIT_TIMEOUT) == 1
     assert f"worker {worker} exited (signal 9)" in server.log_path.read_text()
@@ -121,7 +131,8 @@ def test_a_dead_worker_stops_the_registry(tmp_path: Path) -> None:
 def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
     server = make_server("dockyard", tmp_path / "t", serve_args=["--workers", "3"])
     assert server.process is not None
-    workers = children_of(server.process.pid)
+    workers = workers_of(server, 2)
+    catching_sigterm([server.process.pid, *workers])
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=EXIT_TIMEOUT) == 0
     assert wait_gone(workers) == []
