@@ -618,9 +618,9 @@ class RegistryApp:
         cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=self.config.purge_age)
         purged = []
         for name, upload_id, started in list(self.registry.uploads()):
-            if started is not None and started.tzinfo is None:
+            if started.tzinfo is None:
                 started = started.replace(tzinfo=dt.timezone.utc)
-            if started is None or started < cutoff:
+            if started < cutoff:
                 purged.append((name, upload_id))
                 if self.config.purge_dryrun:
                     log.info("upload purge (dry run) would remove %s/%s", name, upload_id)

@@ -277,8 +277,9 @@ class Registry:
         except PathNotFound as exc:
             raise BlobUploadUnknown({"upload": upload_id}) from exc
 
-    def uploads(self) -> Iterator[tuple[str, str, Optional[dt.datetime]]]:
-        """(repository, upload id, started at) of every upload on storage."""
+    def uploads(self) -> Iterator[tuple[str, str, dt.datetime]]:
+        """(repository, upload id, started at) of every upload on storage; an upload without a
+        readable start time is dated by its directory's modification time."""
         for name in self.catalog(with_uploads=True):
             try:
                 ids = self.driver.list(p.path_for(p.UploadsRoot(name)))
@@ -290,8 +291,14 @@ class Registry:
                 try:
                     text = self.driver.get_content(p.path_for(p.UploadStartedAt(name, upload_id)))
                     started = _parse_time(text.decode())
-                except (PathNotFound, ValueError, BlobUploadUnknown):
-                    started = None
+                except (PathNotFound, ValueError, BlobUploadUnknown, InvalidPath):
+                    # Not written yet (an upload starting this instant) or lost in a crash:
+                    # the upload's directory dates it instead; gone meanwhile: skip it.
+                    try:
+                        info = self.driver.stat(p.path_for(p.UploadRoot(name, upload_id)))
+                    except (PathNotFound, InvalidPath):
+                        continue
+                    started = dt.datetime.fromtimestamp(info.mtime, dt.timezone.utc)
                 yield name, upload_id, started
 
     # ---- manifests, tags, referrers ------------------------------------------------------

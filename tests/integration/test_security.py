@@ -289,3 +289,30 @@ def test_upload_purging_by_age(tmp_path: Path) -> None:
         assert status == 404
     finally:
         server.stop()
+
+
+def test_purge_spares_an_upload_whose_start_time_is_not_written_yet(tmp_path: Path) -> None:
+    """An upload directory without a readable startedat (one starting this instant, or one a
+    crash left) is dated by the directory: purged when that is old, never while it is new. A
+    purge used to take it for stale at once and delete an upload being created (a 500)."""
+    from dockyard.registry.app import RegistryApp
+    from dockyard.registry.config import load_config
+    from dockyard.registry.paths import UploadRoot, UploadStartedAt, path_for
+
+    root = tmp_path / "data"
+    config = load_config(
+        text=(
+            "version: 0.1\n"
+            f"storage:\n  filesystem: {{rootdirectory: {root}}}\n"
+            "  maintenance: {uploadpurging: {enabled: true, age: 1h, interval: 1h}}\n"
+        )
+    )
+    app = RegistryApp(config)
+    fresh = app.registry.start_upload("purge/race")
+    old = app.registry.start_upload("purge/race")
+    for status in (fresh, old):
+        (root / path_for(UploadStartedAt("purge/race", status.upload_id))).unlink()
+    two_hours_ago = time.time() - 7200
+    os.utime(root / path_for(UploadRoot("purge/race", old.upload_id)), (two_hours_ago,) * 2)
+    assert app.purge_uploads() == [("purge/race", old.upload_id)]
+    assert app.registry.upload_status("purge/race", fresh.upload_id).size == 0
