@@ -37,14 +37,8 @@ def atomic_write(
     `tmp_dir` must be on the same filesystem (default: the target's directory)."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir or directory, prefix=".tmp-")
+    tmp = stage_file(tmp_dir or directory, data, mode, durable)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -52,3 +46,20 @@ def atomic_write(
         raise
     if durable:
         fsync_dir(directory)
+
+
+def stage_file(directory: str, data: bytes, mode: int = 0o644, durable: bool = True) -> str:
+    """Write `data` to a new temp file in `directory` (fsynced when `durable`) and return its
+    path, for the caller to rename into place; nothing is left behind on failure."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp

@@ -9,13 +9,12 @@ import ctypes.util
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Optional, Protocol
 
-from dockyard.fsutil import atomic_write, fsync_dir, fsync_path
+from dockyard.fsutil import atomic_write, fsync_dir, fsync_path, stage_file
 from dockyard.registry.errors import InvalidPath, PathNotFound
 
 # A storage path: '/'-separated components of these characters (a trailing '/' is allowed) ...
@@ -210,14 +209,8 @@ class FilesystemDriver:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         syncing = _SYNCERS.submit(fsync_path, src)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
+        tmp = stage_file(os.path.dirname(target), data)
         try:
-            try:
-                os.fchmod(fd, 0o644)
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
             syncing.result()
             try:
                 os.replace(src, dst)
