@@ -21,7 +21,7 @@ if "docker_hosts" in host.groups:
     configure_docker_daemon()
 
 # The bundled core (layer store, registry) on every host.
-install_dockyard_core()
+core = install_dockyard_core()
 
 # Tier 2 — persistent volumes.
 if "storage" in host.groups:
@@ -30,4 +30,5 @@ configure_nfs_client()
 
 # Tier 3 — the TLS registry, its data on the NFS-backed path.
 if "registry" in host.groups:
-    configure_registry(restart_on=install_registry_certificate())
+    # A new certificate or a new core (the registry runs it) restarts the registry.
+    configure_registry(restart_on=[*install_registry_certificate(), core])

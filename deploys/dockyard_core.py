@@ -188,12 +188,14 @@ def venv_bin(data: Any) -> str:
 
 
 @deploy("Install the dockyard core", data_defaults=DEFAULTS)
-def install_dockyard_core() -> None:
+def install_dockyard_core() -> Any:
     """
     Push a wheelhouse built on the control machine and install the core into a venv, offline.
 
     + dockyard_core_prefix: where the venv and wheelhouse live on hosts
     + dockyard_core_cache: control-machine cache of wheelhouses
+
+    Returns the install operation: services that run the core restart when it changed.
 
     Example:
 
@@ -220,7 +222,7 @@ def install_dockyard_core() -> None:
         exclude=".complete",
     )
     venv = pip.venv(name=f"Create the venv {prefix}/venv", path=f"{prefix}/venv", python="python3")
-    server.shell(
+    installed = server.shell(
         name="Install the dockyard core from the wheelhouse (offline)",
         commands=[
             f"{prefix}/venv/bin/pip install --quiet --no-index --find-links {prefix}/wheelhouse "
@@ -233,3 +235,4 @@ def install_dockyard_core() -> None:
         path="/usr/local/bin/dockyard",
         target=f"{prefix}/venv/bin/dockyard",
     )
+    return installed

@@ -25,14 +25,12 @@ from deploys.common import current_distro
 from deploys.dockyard_core import venv_bin
 from deploys.operations import fail_command
 from deploys.registry_trust import DEFAULTS as TRUST_DEFAULTS
+from deploys.registry_trust import pki_dir
+from dockyard import pki
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-# After a (re)start the deploy waits (30 s at most) until the registry accepts connections.
-REGISTRY_WAIT = (
-    "for i in $(seq 60); do (exec 3<>/dev/tcp/127.0.0.1/@PORT@) 2>/dev/null && exit 0; "
-    "sleep 0.5; done; echo 'dockyard: the registry did not start listening on @PORT@; see "
-    "journalctl -u dockyard-registry or docker logs dockyard-registry' >&2; exit 1"
-)
+# Seconds the deploy waits after a (re)start for the registry to answer /v2/ over TLS.
+REGISTRY_WAIT_SECONDS = 30
 
 DEFAULTS: dict[str, Any] = {
     # The registry's data directory: on the storage host an exported path, elsewhere an NFS mount.
@@ -220,6 +218,47 @@ def htpasswd_content(users: dict[str, str], current: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _wait_command(port: int, certs_dir: str, config_dir: str) -> str:
+    """The deploy's readiness check: `/v2/` answered as a registry over TLS, the certificate
+    verified against the fleet CA for this host's name. An open port is not enough: right
+    after a restart it may still belong to the dying registry."""
+    dns, ips = registry_pki.registry_names()
+    args = [
+        f"{venv_bin(host.data)}/dockyard",
+        "registry",
+        "wait",
+        f"https://127.0.0.1:{port}",
+        "--ca-file",
+        f"{certs_dir}/ca.crt",
+        "--server-name",
+        (dns or ips)[0],
+        "--timeout",
+        str(REGISTRY_WAIT_SECONDS),
+    ]
+    if host.data.get("registry_client_certs"):
+        args += ["--cert", f"{config_dir}/probe.crt", "--key", f"{config_dir}/probe.key"]
+    return shlex.join(args)
+
+
+def _probe_client_cert(config_dir: str) -> list[Any]:
+    """With mutual TLS the readiness check needs a client certificate of the fleet CA."""
+    client = pki.ensure_client_cert(pki_dir(), f"probe-{host.name}")
+    return [
+        files.put(
+            name="Push the readiness check's client certificate",
+            src=str(client.cert),
+            dest=f"{config_dir}/probe.crt",
+            mode="0644",
+        ),
+        files.put(
+            name="Push the readiness check's client key (0600)",
+            src=str(client.key),
+            dest=f"{config_dir}/probe.key",
+            mode="0600",
+        ),
+    ]
+
+
 @deploy("Run the TLS registry", data_defaults={**DEFAULTS, **TRUST_DEFAULTS})
 def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
     """
@@ -261,6 +300,8 @@ def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
             present=True,
         )
     files.directory(name=f"Create {config_dir}", path=config_dir, mode="0755", present=True)
+    if host.data.get("registry_client_certs"):
+        _probe_client_cert(config_dir)
     users = dict(host.data.get("registry_users") or {})
     htpasswd = f"{config_dir}/htpasswd" if users else None
     changed = []
@@ -340,9 +381,8 @@ def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
         _if=lambda: any(op.did_change() for op in changed + list(restart_on or [])),
     )
     server.shell(
-        name=f"Wait until the registry answers on port {port}",
-        commands=[REGISTRY_WAIT.replace("@PORT@", str(port))],
-        _shell_executable="bash",
+        name=f"Wait until the registry answers /v2/ over TLS on port {port}",
+        commands=[_wait_command(port, certs_dir, config_dir)],
         _if=restart.did_change,
     )
 
@@ -433,8 +473,7 @@ def _run_container(
         digest=digest.hexdigest()[:32],
     )
     server.shell(
-        name=f"Wait until the registry answers on port {port}",
-        commands=[REGISTRY_WAIT.replace("@PORT@", str(port))],
-        _shell_executable="bash",
+        name=f"Wait until the registry answers /v2/ over TLS on port {port}",
+        commands=[_wait_command(port, certs_dir, config_dir)],
         _if=lambda: created.did_change() or any(op.did_change() for op in changed + restart_on),
     )

@@ -78,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="serving processes sharing the port (default: one per CPU, at most 4)",
     )
+    reg_wait = reg_sub.add_parser(
+        "wait", help="wait until a registry answers /v2/ (exit 1 with the reason if it does not)"
+    )
+    reg_wait.add_argument("url", help="http(s)://HOST:PORT of the registry")
+    reg_wait.add_argument("--ca-file", help="CA certificate to verify the registry's TLS with")
+    reg_wait.add_argument(
+        "--server-name", help="name to check the certificate against (default: the URL's host)"
+    )
+    reg_wait.add_argument("--cert", help="client certificate for a registry that asks for one")
+    reg_wait.add_argument("--key", help="key of --cert")
+    reg_wait.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait (default: %(default)s)"
+    )
     reg_gc = reg_sub.add_parser(
         "garbage-collect", help="delete blobs no manifest references (safe while serving)"
     )
@@ -313,6 +326,22 @@ def _registry(args: argparse.Namespace) -> int:
 
         workers = check_workers(default_workers() if args.workers is None else args.workers)
         return serve(load_config(args.config, warn=warn), workers)
+    if args.registry_command == "wait":
+        from dockyard.registry.probe import wait_ready
+
+        if bool(args.cert) != bool(args.key):
+            raise ValueError("--cert and --key go together")
+        client = (args.cert, args.key) if args.cert else None
+        answer = wait_ready(args.url, args.timeout, args.ca_file, args.server_name, client)
+        if not answer.ready:
+            print(
+                f"dockyard: error: the registry at {args.url} did not answer /v2/ within "
+                f"{args.timeout:g} s (last: {answer.detail})",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"registry at {args.url} is ready ({answer.detail})")
+        return 0
     from dockyard.registry import gc
     from dockyard.registry.driver import FilesystemDriver
     from dockyard.registry.store import Registry

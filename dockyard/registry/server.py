@@ -1,5 +1,7 @@
 """Run the registry: TLS context (1.2 minimum, optional client certificates), logging, and the
-aiohttp server on `http.addr`, in one process or several (prefork) sharing one socket."""
+aiohttp server on `http.addr`, in one process or several (prefork) sharing one socket. Readiness
+is told to the service manager (`READY=1` on `$NOTIFY_SOCKET`, systemd's `Type=notify`) only
+once this registry holds the port: never while a predecessor's process still listens on it."""
 
 from __future__ import annotations
 
@@ -77,16 +79,65 @@ def check_workers(workers: int) -> int:
 
 def _listen(host: str, port: int) -> socket.socket:
     """The listening socket every worker accepts on. A restart right after a kill may find the
-    old workers still closing it: binding is retried for a few seconds."""
+    old workers still holding it (they die with their parent, but not in the same instant):
+    binding is retried for a few seconds. SO_REUSEPORT stays off, so the kernel refuses the
+    bind while any old socket listens on the port (SO_REUSEADDR only skips TIME_WAIT): old and
+    new listeners never coexist, and a client can never be queued on a dying worker's socket
+    once this function has returned."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     deadline = time.monotonic() + BIND_RETRY_SECONDS
+    waiting = False
     while True:
         try:
-            return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+            sock = socket.create_server(
+                (host, port), family=family, backlog=LISTEN_BACKLOG, reuse_port=False
+            )
         except OSError as exc:
-            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+            if exc.errno != errno.EADDRINUSE:
                 raise
+            if time.monotonic() > deadline:
+                raise OSError(
+                    exc.errno,
+                    f"http.addr {host}:{port} is in use by another process (waited "
+                    f"{BIND_RETRY_SECONDS:.0f} s for it to let go); stop it or choose another "
+                    "port",
+                ) from None
+            if not waiting:
+                log.warning("port %s:%d is still held (a registry stopping?); waiting", host, port)
+                waiting = True
             time.sleep(0.1)
+            continue
+        if waiting:
+            log.warning("port %s:%d is free again", host, port)
+        return sock
+
+
+def notify(state: str) -> bool:
+    """Send `state` (e.g. "READY=1") to the service manager, as sd_notify(3) does: a datagram to
+    the unix socket named by $NOTIFY_SOCKET (a leading '@' is the abstract namespace). Returns
+    False when there is no manager to tell."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto(state.encode(), address)
+        except OSError as exc:
+            log.warning("could not tell the service manager %s: %s", state, exc)
+            return False
+    return True
+
+
+async def _ready(_app: web.Application) -> None:
+    # The socket was bound and listening before the app was built (see _listen): from here
+    # on every connection to the port is queued on this registry's socket.
+    notify(f"READY=1\nMAINPID={os.getpid()}")
+
+
+async def _stopping(_app: web.Application) -> None:
+    notify("STOPPING=1")
 
 
 def _die_with_parent(parent: int) -> None:
@@ -103,6 +154,9 @@ def _die_with_parent(parent: int) -> None:
 def _run(config: RegistryConfig, sock: socket.socket, primary: bool, children: list[int]) -> None:
     registry_app = RegistryApp(config, background=primary)
     app = registry_app.build()
+    if primary:
+        app.on_startup.append(_ready)
+        app.on_shutdown.append(_stopping)
     if primary and children:
         app.on_shutdown.append(lambda _app: _stop_workers(children))
         app.cleanup_ctx.append(lambda _app: _watch_workers(children))
@@ -183,6 +237,7 @@ def serve(config: RegistryConfig, workers: int = 1) -> int:
     for _ in range(workers - 1):
         pid = os.fork()
         if pid == 0:
+            os.environ.pop("NOTIFY_SOCKET", None)  # only the main process speaks for the service
             _die_with_parent(parent)
             code = 1
             try:

@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,8 @@ from typing import Any, Optional
 
 import pytest
 import yaml
+
+from dockyard.registry.probe import probe
 
 BIN = Path(sys.executable).parent
 # Seconds a registry may take to answer /v2/ after it was started.
@@ -81,19 +85,62 @@ class RegistryServer:
         return ["docker-registry", "serve", str(self.config_path)]
 
     def start(self) -> None:
+        """Start and return once this process serves: dockyard tells READY=1 on its notify
+        socket (it binds only after any predecessor let go of the port), then `/v2/` must
+        answer as a registry. An open TCP port proves nothing: a dying worker of a killed
+        registry can still hold it, and a client it accepts is reset when it dies."""
         assert self.log_path is not None
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=log)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited:\n{self.log_path.read_text()[-2000:]}")
+        env = dict(os.environ)
+        notify: Optional[socket.socket] = None
+        if self.kind == "dockyard":
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            name = f"dockyard-test-{os.getpid()}-{uuid.uuid4().hex}"
+            notify.bind("\0" + name)
+            env["NOTIFY_SOCKET"] = "@" + name
+        try:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env)
+            deadline = time.monotonic() + START_TIMEOUT
+            if notify is not None:
+                self._wait_notified(notify, deadline)
+            self._wait_answering(deadline)
+        finally:
+            if notify is not None:
+                notify.close()
+
+    def _exited(self) -> None:
+        assert self.process is not None and self.log_path is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.kind} exited:\n{self.log_path.read_text()[-2000:]}")
+
+    def _wait_notified(self, notify: socket.socket, deadline: float) -> None:
+        notify.settimeout(0.1)
+        while True:
+            self._exited()
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                if b"READY=1" in notify.recv(4096).split(b"\n"):
                     return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"{self.kind} did not listen on {self.port}")
+            except TimeoutError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.kind} never told READY=1 on port {self.port}")
+
+    def _wait_answering(self, deadline: float) -> None:
+        url, cafile, client = f"http://{self.address}", None, None
+        tls = self.extra.get("http.tls")
+        if tls:  # the tests' certificates sit beside the CA that issued them (dockyard.pki)
+            base = Path(tls["certificate"]).parent
+            url, cafile = f"https://{self.address}", str(base / "ca.crt")
+            if tls.get("clientcas"):
+                client = (str(base / "client.crt"), str(base / "client.key"))
+        while True:
+            self._exited()
+            answer = probe(url, cafile, client_cert=client)
+            if answer.ready:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.kind} on {self.port} never answered: {answer.detail}")
+            time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process and self.process.poll() is None:

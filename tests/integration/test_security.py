@@ -316,3 +316,36 @@ def test_purge_spares_an_upload_whose_start_time_is_not_written_yet(tmp_path: Pa
     os.utime(root / path_for(UploadRoot("purge/race", old.upload_id)), (two_hours_ago,) * 2)
     assert app.purge_uploads() == [("purge/race", old.upload_id)]
     assert app.registry.upload_status("purge/race", fresh.upload_id).size == 0
+
+
+def test_registry_wait_means_a_verified_registry_answers(pki: Path, tmp_path: Path) -> None:
+    """`dockyard registry wait` (the deploy's readiness step): ready only when /v2/ is answered
+    by a registry over TLS verified against the CA; an open port of something else is not."""
+    tls = {"certificate": str(pki / "server.crt"), "key": str(pki / "server.key")}
+    servers = [make_server(kind, tmp_path / kind, extra={"http.tls": tls}) for kind in KINDS]
+    other = socket.create_server(("127.0.0.1", 0))
+    try:
+        for server in servers:
+            url = f"https://127.0.0.1:{server.port}"
+            ok = _dockyard("registry", "wait", url, "--ca-file", str(pki / "ca.crt"))
+            assert ok.returncode == 0 and "is ready" in ok.stdout, ok.stderr
+            untrusted = _dockyard("registry", "wait", url, "--timeout", "0.5")
+            assert untrusted.returncode == 1
+            assert "certificate not trusted" in untrusted.stderr
+            assert "Traceback" not in untrusted.stderr
+        silent = f"http://127.0.0.1:{other.getsockname()[1]}"
+        closed = _dockyard("registry", "wait", silent, "--timeout", "0.5")
+        assert closed.returncode == 1 and f"the registry at {silent} did not answer" in closed.stderr
+    finally:
+        other.close()
+        for server in servers:
+            server.stop()
+
+
+KINDS = ("dockyard", "distribution")
+
+
+def _dockyard(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "dockyard"), *args], capture_output=True, text=True, timeout=60, check=False
+    )

@@ -8,13 +8,18 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from dockyard.registry import paths as p
 from tests.integration.conftest import (
     BIN,
+    START_TIMEOUT,
     RegistryServer,
     location_path,
     make_server,
@@ -179,3 +184,78 @@ def test_digest_states_of_uploads_gone_elsewhere_are_dropped(tmp_path: Path) -> 
         appender.write(b"more")
     digest = p.parse_digest(sha256(data + b"more"))
     assert first.finish_upload("forget/me", kept.upload_id, digest) == digest
+
+
+def _hold_port(port: int) -> socket.socket:
+    """A listener that never accepts, as a killed registry's dying worker is: a client's
+    connect to it succeeds (the kernel queues it) and is reset when the socket closes."""
+    return socket.create_server(("127.0.0.1", port))
+
+
+def test_start_waits_for_a_predecessor_that_still_holds_the_port(tmp_path: Path) -> None:
+    """The restart race of issue 15, made deterministic: the port is held for 1.5 s after the
+    new registry starts. start() must return only once the new registry serves, so the first
+    request is answered (a TCP-connect readiness check returned at once, and the request was
+    reset when the holder closed)."""
+    server = make_server("dockyard", tmp_path / "held", start=False, serve_args=["--workers", "2"])
+    holder = _hold_port(server.port)
+    released = threading.Event()
+
+    def release() -> None:
+        time.sleep(1.5)
+        released.set()
+        holder.close()
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    try:
+        server.start()
+        assert released.is_set(), "start() returned while another process held the port"
+        assert server.request("GET", "/v2/").status == 200
+        assert server.log_path is not None
+        assert "is still held" in server.log_path.read_text()
+    finally:
+        thread.join()
+        server.stop()
+
+
+def test_ready_is_told_only_once_the_port_is_ours(tmp_path: Path) -> None:
+    """Under systemd (Type=notify) READY=1 is what `systemctl restart` waits for: it must not
+    be sent while a predecessor's socket still listens."""
+    server = make_server("dockyard", tmp_path / "notify", start=False)
+    holder = _hold_port(server.port)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"dockyard-test-{os.getpid()}-notify"
+    notify.bind("\0" + name)
+    proc = subprocess.Popen(
+        server.command(),
+        env={**os.environ, "NOTIFY_SOCKET": "@" + name},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        notify.settimeout(1.5)
+        with pytest.raises(TimeoutError):
+            notify.recv(4096)
+        assert proc.poll() is None
+        holder.close()
+        notify.settimeout(START_TIMEOUT)
+        message = notify.recv(4096).decode()
+        assert "READY=1" in message.split("\n") and f"MAINPID={proc.pid}" in message
+        assert server.request("GET", "/v2/").status == 200
+    finally:
+        holder.close()
+        notify.close()
+        proc.terminate()
+        proc.wait(timeout=EXIT_TIMEOUT)
+
+
+def test_a_port_that_stays_held_is_a_clear_error(tmp_path: Path) -> None:
+    server = make_server("dockyard", tmp_path / "busy", start=False)
+    holder = _hold_port(server.port)
+    try:
+        proc = subprocess.run(server.command(), capture_output=True, text=True, timeout=60)
+    finally:
+        holder.close()
+    assert proc.returncode == 1
+    assert f"http.addr 127.0.0.1:{server.port} is in use by another process" in proc.stderr
+    assert "Traceback" not in proc.stderr
