@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dockyard import pki as fleet_pki
+from dockyard.registry.probe import wait_ready
 from tests.integration.conftest import free_port, make_server, push_blob, write_config
 
 BIN = Path(sys.executable).parent
@@ -206,13 +207,7 @@ def test_environment_overrides_the_config(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        assert wait_ready(f"http://127.0.0.1:{port}", 15).ready  # an answer, not a port
         from tests.integration.conftest import RegistryServer
 
         server = RegistryServer("dockyard", tmp_path, port, config)
