@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from dockyard.registry.probe import wait_ready
+
 BIN = Path(sys.executable).parent
 MIB = 1024 * 1024
 # Bytes per send/recv step of the client (large, so the client is not what is measured).
@@ -91,15 +93,12 @@ def start(kind: str, base: Path) -> Server:
     )
     log = open(root / "server.log", "wb")  # noqa: SIM115 - owned by the process
     process = subprocess.Popen(cmd, stdout=log, stderr=log)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return Server(kind, port, root, process)
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise SystemExit(f"{kind} did not start: {(root / 'server.log').read_text()[-1000:]}")
+    # Ready means /v2/ answered as a registry (an open port is not enough: dockyard.probe).
+    answer = wait_ready(f"http://127.0.0.1:{port}", 20)
+    if not answer.ready or process.poll() is not None:
+        process.kill()
+        raise SystemExit(f"{kind} did not start: {(root / 'server.log').read_text()[-1000:]}")
+    return Server(kind, port, root, process)
 
 
 def _conn(port: int) -> http.client.HTTPConnection:
@@ -298,6 +297,39 @@ def bench_manifest_get(port: int) -> float:
     return per_thread * MANIFEST_THREADS / elapsed
 
 
+# The issue's targets: push at concurrency 8 against the disk's durable write rate, 1 MiB x 1
+# push (latency: syncs per blob), every pull cell and manifest GET against distribution.
+TARGET_PUSH_OF_DISK = 0.9
+TARGET_SMALL_PUSH = 2.0
+TARGET_PULL = 1.5
+TARGET_MANIFEST_GET = 3.0
+
+
+def report_targets(
+    cells: dict[tuple[int, int], tuple[float, float, float, float]],
+    get_ratio: float,
+    disk: float,
+) -> None:
+    """One line per target: measured value, target, met or not. Both registries fsync blob
+    data before answering (distribution 2.8 in its writer's Commit: strace counts 22 fsyncs for
+    two 8 MiB pushes); `disk` is the lower of the two probes of this run."""
+
+    def line(what: str, value: float, target: float) -> None:
+        verdict = "met" if value >= target else "NOT met"
+        print(f"target {what}: {value:.2f}x (>= {target}x) {verdict}")
+
+    for (size, conc), (dy_push, _, _, _) in sorted(cells.items()):
+        if conc == 8:
+            line(f"push {size}MiB x8 / disk {disk:.0f} MB/s", dy_push / disk, TARGET_PUSH_OF_DISK)
+    if (1, 1) in cells:
+        dy_push, di_push, _, _ = cells[(1, 1)]
+        line("push 1MiB x1 / distribution", dy_push / di_push, TARGET_SMALL_PUSH)
+    worst = min(cells.items(), key=lambda item: item[1][2] / item[1][3])
+    (size, conc), (_, _, dy_pull, di_pull) = worst
+    line(f"pull, lowest cell ({size}MiB x{conc}) / distribution", dy_pull / di_pull, TARGET_PULL)
+    line("manifest GET / distribution", get_ratio, TARGET_MANIFEST_GET)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller run (no 256 MiB blobs)")
@@ -341,8 +373,8 @@ def main() -> int:
             f"{'dockyard':>10}{'distrib':>10}"
         )
         push_ratios: list[float] = []
-        best_distribution = 1.0
-        pull_ratios: list[float] = []
+        # (blob MiB, concurrency) -> (dockyard push, distribution push, dockyard pull, distrib pull)
+        cells: dict[tuple[int, int], tuple[float, float, float, float]] = {}
         for size_mib, concurrency, count in scenarios:
             total = size_mib * count * MIB / 1e6
             rates: dict[str, tuple[float, float]] = {}
@@ -371,12 +403,10 @@ def main() -> int:
                     rates[kind] = (max(best[0], total / t_push), max(best[1], total / t_pull))
                 for path, _ in blobs:
                     path.unlink()
-            if size_mib >= 64:
-                best_distribution = max(best_distribution, rates["distribution"][0])
+            cells[(size_mib, concurrency)] = (*rates["dockyard"], *rates["distribution"])
             push_ratio = rates["dockyard"][0] / rates["distribution"][0]
             pull_ratio = rates["dockyard"][1] / rates["distribution"][1]
             push_ratios.append(push_ratio)
-            pull_ratios.append(pull_ratio)
             print(
                 f"{size_mib:>5}MiB {concurrency:>4} | {rates['dockyard'][0]:>10.0f}"
                 f"{rates['distribution'][0]:>10.0f} {push_ratio:>5.2f}x | "
@@ -385,21 +415,15 @@ def main() -> int:
                 flush=True,
             )
         gets = {kind: bench_manifest_get(servers[kind].port) for kind in servers}
+        get_ratio = gets["dockyard"] / gets["distribution"]
         print(
             f"manifest GET req/s: dockyard {gets['dockyard']:.0f}, distribution "
-            f"{gets['distribution']:.0f}, ratio {gets['dockyard'] / gets['distribution']:.2f}x"
-        )
-        print(
-            f"lowest ratios: push {min(push_ratios):.2f}x, pull {min(pull_ratios):.2f}x "
-            f"(targets: push >= 2x, pull >= 1x, manifest GET >= 1x)"
+            f"{gets['distribution']:.0f}, ratio {get_ratio:.2f}x"
         )
         settle(written, disk)
         disk_after = disk_write_rate(base)
-        print(
-            f"push >= 2x on the large-blob cells needs {2 * best_distribution:.0f} MB/s made "
-            f"durable (2 x distribution's best, which does not fsync); the disk probe gave "
-            f"{disk:.0f} MB/s before the pushes and {disk_after:.0f} MB/s after them"
-        )
+        print(f"disk after the pushes: {disk_after:.0f} MB/s (before: {disk:.0f} MB/s)")
+        report_targets(cells, get_ratio, min(disk, disk_after))
     finally:
         for server in servers.values():
             server.stop()

@@ -35,6 +35,19 @@ class DeployRun:
     def totals(self) -> dict[str, int]:
         return self.results.get("totals", {})
 
+    def failures(self) -> str:
+        """What an assertion should show: every host error with the operation it belongs to
+        (the log's tail shows only skipped operations after a failure), then the tail."""
+        lines = self.log.splitlines()
+        found: list[str] = []
+        operation = ""
+        for line in lines:
+            if line.startswith("--> Starting operation:"):
+                operation = line
+            elif "Error" in line or "error" in line or "dockyard:" in line:
+                found += [operation, line] if operation not in found else [line]
+        return "\n".join(found[-60:]) + "\n--- tail ---\n" + "\n".join(lines[-30:])
+
     def changed_ops(self) -> list[str]:
         return [op["name"] for op in self.results.get("operations", []) if op["success"]]
 

@@ -227,7 +227,7 @@ def test_insecure_mode_on_one_host_only_when_asked(
     host = hosts[overlay_host]
     before = json.loads(host.file("/etc/docker/daemon.json").content_string)
     run = run_deploy("--limit", overlay_host, "--data", "registry_trust_mode=insecure")
-    assert run.returncode == 0, run.log[-2000:]
+    assert run.returncode == 0, run.failures()
     assert "registry_trust_mode=insecure" in run.log and "without verifying" in run.log
     config = json.loads(host.file("/etc/docker/daemon.json").content_string)
     assert config["insecure-registries"] == [endpoint]
@@ -235,7 +235,7 @@ def test_insecure_mode_on_one_host_only_when_asked(
     assert host.check_output("docker info --format '{{.Driver}}'") == before["storage-driver"]
     assert endpoint in host.check_output("docker info --format '{{json .RegistryConfig}}'")
     back = run_deploy("--limit", overlay_host)
-    assert back.returncode == 0, back.log[-2000:]
+    assert back.returncode == 0, back.failures()
     assert json.loads(host.file("/etc/docker/daemon.json").content_string) == before
 
 
@@ -313,7 +313,7 @@ def test_upstream_registry_image_from_an_archive(
 
     try:
         run = run_deploy(*limit, *image)
-        assert run.returncode == 0, run.log[-2000:]
+        assert run.returncode == 0, run.failures()
         assert (
             host.check_output("docker ps --format '{{.Names}} {{.Image}}'")
             == "dockyard-registry dockyard-lab/registry:2"
@@ -330,7 +330,7 @@ def test_upstream_registry_image_from_an_archive(
         assert inspect().returncode == 0  # the data survived the container
     finally:
         back = run_deploy(*limit)
-    assert back.returncode == 0, back.log[-2000:]
+    assert back.returncode == 0, back.failures()
     assert host.service("dockyard-registry").is_running
     assert host.check_output("docker ps -a --format '{{.Names}}'") == ""
     assert inspect().returncode == 0
@@ -345,7 +345,7 @@ def test_first_deploy_says_only_fstab_was_written(first_deploy: Any) -> None:
 
 def test_os_trust_store_when_asked(hosts: dict[str, Any], endpoint: str, overlay_host: str) -> None:
     run = run_deploy("--limit", overlay_host, "--data", "registry_trust_os_store=true")
-    assert run.returncode == 0, run.log[-2000:]
+    assert run.returncode == 0, run.failures()
     host = hosts[overlay_host]
     anchor = host.file("/usr/local/share/ca-certificates/dockyard-fleet-ca.crt")
     assert anchor.exists
@@ -363,7 +363,7 @@ def test_mutual_tls_when_asked(
 ) -> None:
     run = run_deploy("--data", "registry_client_certs=true")
     try:
-        assert run.returncode == 0, run.log[-2000:]
+        assert run.returncode == 0, run.failures()
         with pytest.raises((ssl.SSLError, ConnectionError, OSError, IndexError, ValueError)):
             _get(endpoint, ca_dir)  # no client certificate: the handshake or request fails
         for name, host in hosts.items():
@@ -381,5 +381,5 @@ def test_mutual_tls_when_asked(
             host.run(f"docker rmi -f {pushed}; docker logout {endpoint}; rm -rf /tmp/dy-mtls")
     finally:
         back = run_deploy()
-    assert back.returncode == 0, back.log[-2000:]
+    assert back.returncode == 0, back.failures()
     assert _get(endpoint, ca_dir)[0] == 401

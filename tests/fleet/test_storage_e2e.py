@@ -31,7 +31,7 @@ def test_lab_status_lists_every_host(lab: list[dict[str, Any]]) -> None:
 
 
 def test_first_deploy_succeeds_everywhere(first_deploy: DeployRun) -> None:
-    assert first_deploy.returncode == 0, first_deploy.log[-3000:]
+    assert first_deploy.returncode == 0, first_deploy.failures()
     assert first_deploy.results["failed_hosts"] == []
     assert first_deploy.totals["error"] == 0
     # On a fresh lab the first deploy installs the engine and writes daemon.json everywhere.
@@ -125,7 +125,7 @@ def test_second_deploy_reports_no_change_on_any_host(
     lab: list[dict[str, Any]], first_deploy: DeployRun
 ) -> None:
     run = run_deploy()
-    assert run.returncode == 0, run.log[-3000:]
+    assert run.returncode == 0, run.failures()
     assert run.results["failed_hosts"] == []
     assert run.totals["success"] == 0, run.changed_ops()
     assert run.totals["error"] == 0
