@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace",
         type=float,
         default=None,
-        help="seconds an unreferenced blob is kept after it was written (default: 3600)",
+        help="seconds an unreferenced blob or untagged manifest is kept after it was written"
+        " (default: 3600)",
     )
     _layer_commands(sub)
     return parser

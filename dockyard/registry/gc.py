@@ -1,7 +1,9 @@
 """Garbage collection, mark and sweep over distribution's layout — and safe while the registry
 keeps serving pushes: blobs younger than a grace period are never swept (an upload whose
-manifest has not arrived yet), and the sweep runs under an exclusive lock that manifest writers
-share, after marking again every manifest written since marking began."""
+manifest has not arrived yet), untagged manifests pushed within it are kept with everything they
+reference (the children of an index still being pushed), and the sweep runs under an exclusive
+lock that manifest writers share, after marking again every manifest written, tagged or pushed
+again since marking began."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from dockyard.registry.errors import (
 from dockyard.registry.manifest import parse_manifest
 from dockyard.registry.store import Registry, media_type_of
 
-# Default age below which an unreferenced blob is kept (its manifest may be on its way).
+# Default age below which an unreferenced blob, or an untagged manifest, is kept (the manifest
+# or index that will reference it may be on its way).
 DEFAULT_GRACE_SECONDS = 3600.0
 
 
@@ -32,10 +35,14 @@ class GCResult:
     deleted_blobs: list[str] = field(default_factory=list)
     kept_young: list[str] = field(default_factory=list)
     deleted_manifests: list[tuple[str, str]] = field(default_factory=list)
+    # untagged manifests (repository, digest) kept because they were pushed within the grace
+    kept_young_manifests: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _revisions(registry: Registry, name: str) -> list[p.Digest]:
-    out: list[p.Digest] = []
+def _revisions(registry: Registry, name: str) -> dict[p.Digest, float]:
+    """Every manifest revision of `name` → when it was last pushed: the modification time of
+    its revision link, which every manifest PUT (by digest or by tag) writes anew."""
+    out: dict[p.Digest, float] = {}
     try:
         infos = list(registry.driver.walk(p.path_for(p.RevisionsRoot(name))))
     except PathNotFound:
@@ -44,10 +51,17 @@ def _revisions(registry: Registry, name: str) -> list[p.Digest]:
         if not info.path.endswith("/link"):
             continue
         try:
-            out.append(p.parse_digest(registry.driver.get_content(info.path).decode().strip()))
+            digest = p.parse_digest(registry.driver.get_content(info.path).decode().strip())
         except (DigestInvalid, PathNotFound, UnicodeDecodeError):
             continue
+        out[digest] = max(info.mtime, out.get(digest, info.mtime))
     return out
+
+
+def _young(revisions: dict[p.Digest, float], grace_seconds: float) -> set[p.Digest]:
+    """The revisions pushed less than `grace_seconds` ago (a clock ahead makes them young)."""
+    now = time.time()
+    return {digest for digest, pushed in revisions.items() if now - pushed < grace_seconds}
 
 
 def _tagged(registry: Registry, name: str) -> set[p.Digest]:
@@ -92,30 +106,42 @@ class _Marker:
 
 
 def _keep_set(
-    registry: Registry, name: str, revisions: set[p.Digest], delete_untagged: bool
+    registry: Registry,
+    name: str,
+    revisions: dict[p.Digest, float],
+    delete_untagged: bool,
+    grace_seconds: float,
 ) -> tuple[set[p.Digest], set[p.Digest]]:
-    """(manifests to keep, manifests to delete) of one repository."""
+    """(manifests to keep, manifests to delete) of one repository: with `delete_untagged`, the
+    tagged ones and those pushed within the grace period are kept, with their closure."""
     if not delete_untagged:
-        return revisions, set()
-    keep = set(_tagged(registry, name)) & revisions
-    changed = True
-    while changed:
-        changed = False
-        for digest in list(keep):
-            try:
-                raw = registry.blob_content(digest)
-                manifest = parse_manifest(raw, media_type_of(raw))
-            except (BlobUnknown, ManifestInvalid):
-                continue
-            children = set(manifest.manifests) & revisions
-            referrers = {
-                p.parse_digest(d["digest"]) for d in registry.referrers(name, digest)
-            } & revisions
-            new = (children | referrers) - keep
-            if new:
-                keep |= new
-                changed = True
-    return keep, revisions - keep
+        return set(revisions), set()
+    roots = (_tagged(registry, name) | _young(revisions, grace_seconds)) & set(revisions)
+    keep = _closure(registry, name, roots, set(revisions))
+    return keep, set(revisions) - keep
+
+
+def _closure(
+    registry: Registry, name: str, roots: set[p.Digest], revisions: set[p.Digest]
+) -> set[p.Digest]:
+    """`roots` with every revision of `name` they reach: index children and referrers."""
+    keep = set(roots)
+    pending = list(roots)
+    while pending:
+        digest = pending.pop()
+        try:
+            raw = registry.blob_content(digest)
+            manifest = parse_manifest(raw, media_type_of(raw))
+        except (BlobUnknown, ManifestInvalid):
+            continue
+        children = set(manifest.manifests) & revisions
+        referrers = {
+            p.parse_digest(d["digest"]) for d in registry.referrers(name, digest)
+        } & revisions
+        new = (children | referrers) - keep
+        keep |= new
+        pending.extend(new)
+    return keep
 
 
 def collect(
@@ -128,27 +154,35 @@ def collect(
     """Mark every blob a kept manifest references, then sweep the rest (older than grace)."""
     marker = _Marker(registry, log)
     result = GCResult()
-    doomed: list[tuple[str, p.Digest]] = []
+    doomed: dict[str, set[p.Digest]] = {}
     seen: dict[str, set[p.Digest]] = {}
     for name in registry.catalog():
-        seen[name] = set(_revisions(registry, name))
-        keep, delete = _keep_set(registry, name, seen[name], delete_untagged)
+        revisions = _revisions(registry, name)
+        seen[name] = set(revisions)
+        keep, doomed[name] = _keep_set(registry, name, revisions, delete_untagged, grace_seconds)
+        if delete_untagged:
+            young = sorted(_young(revisions, grace_seconds) - _tagged(registry, name), key=str)
+            result.kept_young_manifests += [(name, str(d)) for d in young]
         marker.mark_manifests(name, keep)
-        doomed += [(name, d) for d in sorted(delete, key=str)]
 
     with registry.gc_lock(exclusive=True):
-        # Manifests written while we marked are kept, with everything they reference.
+        # No manifest PUT runs from here on. Kept, with everything they reference: manifests
+        # written while we marked, and doomed ones tagged or pushed again meanwhile (a PUT
+        # writes the revision link anew, so the push is within the grace period again). A
+        # manifest pushed less than the grace period before this point is thus never deleted,
+        # and an index PUT after the sweep finds every child pushed within it.
         for name in registry.catalog():
-            fresh = set(_revisions(registry, name)) - seen.get(name, set())
-            marker.mark_manifests(name, fresh)
-            if delete_untagged:
-                tagged_now = _tagged(registry, name)
-                doomed = [
-                    (n, d)
-                    for n, d in doomed
-                    if n != name or (d not in tagged_now and d not in fresh)
-                ]
-        for name, digest in doomed:
+            revisions = _revisions(registry, name)
+            fresh = set(revisions) - seen.get(name, set())
+            rescued: set[p.Digest] = set()
+            if doomed.get(name):
+                now_kept = _tagged(registry, name) | _young(revisions, grace_seconds)
+                rescued = doomed[name] & now_kept
+            roots = fresh | rescued
+            if delete_untagged and roots:
+                roots = _closure(registry, name, roots, set(revisions))
+            marker.mark_manifests(name, roots)
+        for name, digest in [(n, d) for n in sorted(doomed) for d in sorted(doomed[n], key=str)]:
             if str(digest) in marker.marked:
                 continue
             log(f"{name}: manifest eligible for deletion: {digest}")
@@ -185,6 +219,12 @@ def collect(
         + (
             f", {len(result.kept_young)} unreferenced blobs younger than the grace period kept"
             if result.kept_young
+            else ""
+        )
+        + (
+            f", {len(result.kept_young_manifests)} untagged manifests pushed within the grace"
+            " period kept"
+            if result.kept_young_manifests
             else ""
         )
         + (" (dry run: nothing deleted)" if dry_run else "")

@@ -14,17 +14,23 @@ import threading
 import time
 from pathlib import Path
 
+from dockyard.registry import gc
+from dockyard.registry.driver import FilesystemDriver
+from dockyard.registry.store import Registry
 from tests.integration.conftest import (
     RegistryServer,
+    Reply,
     image_manifest,
     make_server,
     push_blob,
+    sha256,
     write_config,
 )
 from tests.integration.test_durability import assert_storage_consistent
 
 BIN = Path(sys.executable).parent
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 def _blobs(root: Path) -> set[str]:
@@ -201,5 +207,100 @@ def test_online_gc_loses_nothing_referenced(tmp_path: Path) -> None:
                 head = server.request("HEAD", f"/v2/{repo}/blobs/{layer['digest']}")
                 assert head.status == 200, (repo, tag, layer["digest"])
         assert_storage_consistent(root)
+    finally:
+        server.stop()
+
+
+def _put_manifest(server: RegistryServer, repo: str, reference: str, raw: bytes) -> Reply:
+    media = json.loads(raw)["mediaType"]
+    return server.request(
+        "PUT", f"/v2/{repo}/manifests/{reference}", body=raw, headers={"Content-Type": media}
+    )
+
+
+def _index(*children: bytes) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": OCI_MANIFEST,
+                    "digest": sha256(child),
+                    "size": len(child),
+                    "platform": {"architecture": f"arch{n}", "os": "linux"},
+                }
+                for n, child in enumerate(children)
+            ],
+        }
+    ).encode()
+
+
+def _assert_pulls(server: RegistryServer, repo: str, raw: bytes) -> None:
+    reply = server.request("GET", f"/v2/{repo}/manifests/{sha256(raw)}")
+    assert reply.status == 200, (reply.status, reply.body[:300])
+    assert reply.body == raw
+    for blob in reply.json()["layers"] + [reply.json()["config"]]:
+        assert server.request("HEAD", f"/v2/{repo}/blobs/{blob['digest']}").status == 200, blob
+
+
+def test_gc_keeps_a_child_manifest_pushed_within_the_grace(tmp_path: Path) -> None:
+    """A multi-arch push sends its children by digest, then the index: an online
+    `--delete-untagged` between the two must not take a child (the index PUT got
+    MANIFEST_BLOB_UNKNOWN). The grace period is what protects it: with --grace 0 it goes."""
+    server = make_server("dockyard", tmp_path / "multiarch")
+    config = tmp_path / "multiarch" / "config.yml"
+    try:
+        child = image_manifest(server, "gc/multi", [b"amd64 layer"])
+        assert _put_manifest(server, "gc/multi", sha256(child), child).status == 201
+        _gc("dockyard", config, "--delete-untagged", grace="")  # the default grace
+        reply = _put_manifest(server, "gc/multi", "latest", _index(child))
+        assert reply.status == 201, (reply.status, reply.body[:300])
+        _assert_pulls(server, "gc/multi", child)
+
+        orphan = image_manifest(server, "gc/multi", [b"arm64 layer"])
+        assert _put_manifest(server, "gc/multi", sha256(orphan), orphan).status == 201
+        _gc("dockyard", config, "--delete-untagged", grace="0")
+        gone = server.request("GET", f"/v2/gc/multi/manifests/{sha256(orphan)}")
+        assert gone.status == 404
+        late = _put_manifest(server, "gc/multi", "late", _index(child, orphan))
+        assert late.status == 400 and late.error_codes() == ["MANIFEST_BLOB_UNKNOWN"]
+        _assert_pulls(server, "gc/multi", child)  # the tagged index keeps its child
+    finally:
+        server.stop()
+
+
+def test_gc_keeps_a_manifest_pushed_again_or_tagged_while_it_marks(tmp_path: Path) -> None:
+    """Two untagged manifests (and their blobs) older than the grace are doomed when marking
+    reads the repository; while it marks, one is pushed again by digest and the other is
+    tagged. The sweep must keep both with every blob they reference (the tagged one used to
+    keep its manifest but lose its blobs, the other was deleted)."""
+    base = tmp_path / "race"
+    server = make_server("dockyard", base)
+    try:
+        anchor = image_manifest(server, "gc/race", [b"anchor layer"])
+        assert _put_manifest(server, "gc/race", "anchor", anchor).status == 201
+        again = image_manifest(server, "gc/race", [b"pushed again layer"])
+        tagged = image_manifest(server, "gc/race", [b"tagged meanwhile layer"])
+        for raw in (again, tagged):
+            assert _put_manifest(server, "gc/race", sha256(raw), raw).status == 201
+        past = time.time() - 7200
+        for path in (base / "data").rglob("*"):
+            if path.is_file():
+                os.utime(path, (past, past))
+        racing: list[int] = []
+
+        def log(line: str) -> None:
+            if "marking manifest" in line and not racing:  # marking, not yet sweeping
+                racing.append(_put_manifest(server, "gc/race", sha256(again), again).status)
+                racing.append(_put_manifest(server, "gc/race", "now", tagged).status)
+
+        registry = Registry(FilesystemDriver(str(base / "data")), delete_enabled=True)
+        result = gc.collect(registry, delete_untagged=True, log=log)
+        assert racing == [201, 201]
+        assert result.deleted_manifests == []
+        for raw in (anchor, again, tagged):
+            _assert_pulls(server, "gc/race", raw)
+        assert_storage_consistent(base / "data")
     finally:
         server.stop()
