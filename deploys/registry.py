@@ -27,6 +27,7 @@ from deploys.operations import fail_command
 from deploys.registry_trust import DEFAULTS as TRUST_DEFAULTS
 from deploys.registry_trust import pki_dir
 from dockyard import pki
+from dockyard.registry.auth import BCRYPT_PASSWORD_MAX
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 # Seconds the deploy waits after a (re)start for the registry to answer /v2/ over TLS.
@@ -208,12 +209,14 @@ def htpasswd_content(users: dict[str, str], current: str) -> str:
                 f"registry_users: user {user!r} needs a name without ':' and a password"
             )
         hashed = existing.get(user, "")
+        # bcrypt uses the first 72 bytes (the registry checks those too); bcrypt 5 raises on more
+        secret = str(password).encode()[:BCRYPT_PASSWORD_MAX]
         try:
-            ok = bool(hashed) and bcrypt.checkpw(str(password).encode(), hashed.encode())
+            ok = bool(hashed) and bcrypt.checkpw(secret, hashed.encode())
         except ValueError:
             ok = False
         if not ok:
-            hashed = bcrypt.hashpw(str(password).encode(), bcrypt.gensalt(rounds=10)).decode()
+            hashed = bcrypt.hashpw(secret, bcrypt.gensalt(rounds=10)).decode()
         lines.append(f"{user}:{hashed}")
     return "\n".join(lines) + "\n"
 

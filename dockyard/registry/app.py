@@ -5,9 +5,7 @@ upload purger. Handlers never build storage paths: they call the stores with val
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -22,15 +20,18 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlencode
 
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
+from dockyard.fsutil import TempSweep, sweep_temp_files
 from dockyard.registry import paths as p
+from dockyard.registry.auth import BasicAuth, load_htpasswd
 from dockyard.registry.config import RegistryConfig
 from dockyard.registry.driver import FilesystemDriver
 from dockyard.registry.errors import (
-    BlobUnknown,
     BlobUploadInvalid,
     DriverError,
     InvalidPath,
+    ManifestInvalid,
     NameInvalid,
     NotFound,
     PaginationInvalid,
@@ -39,8 +40,10 @@ from dockyard.registry.errors import (
     RegistryError,
     SizeInvalid,
     TooLarge,
+    TooManyRequests,
     Unauthorized,
     Unsupported,
+    error_for_status,
     status_for,
 )
 from dockyard.registry.manifest import OCI_INDEX
@@ -55,16 +58,25 @@ STREAM_CHUNK = 1024 * 1024
 FORGET_INTERVAL = 600
 # Request bodies up to this size are hashed and written on the event loop (see _stream_into).
 INLINE_BODY_MAX = 2 * 1024 * 1024
-# Milliseconds a download may wait for the client to read before it is dropped.
+# Milliseconds a download may go without the client reading a byte before it is dropped.
 SEND_STALL_MS = 120_000
-# Bytes per read/write step of a download (see _send_range).
-SEND_BUFFER = 4 * 1024 * 1024
-# Downloads copied at once (more wait for a thread); memory bound DOWNLOAD_THREADS x SEND_BUFFER.
-DOWNLOAD_THREADS = 32
+# Bytes per read/write step of a download under TLS (_send_steps; plain HTTP uses sendfile(2)):
+# a stalled TLS client holds two (one in its connection's buffer, one read ahead) in memory
+# until SEND_STALL_MS drops it.
+SEND_BUFFER = 1024 * 1024
+# Threads that read blob files for TLS downloads. A read never waits for a client (the socket
+# side is the event loop's, non-blocking), so slow clients cannot hold these threads.
+BLOB_READ_THREADS = 8
 # Catalog page size when the client gives no n, and the most it may ask for.
 CATALOG_DEFAULT, CATALOG_MAX = 100, 1000
-# Successful basic-auth checks are remembered (by a hash of the credentials) this long.
-AUTH_CACHE_SECONDS = 300.0
+# Temp files (.tmp-*) last written longer ago than this are a killed writer's leftovers: a live
+# one is renamed once its fsyncs are done (seconds; minutes on a struggling NFS server), and an
+# hour also covers clock skew between registries sharing the root. Younger ones are never touched.
+TEMP_STALE_SECONDS = 3600.0
+# Seconds between sweeps of stale temp files; the first runs at start-up, in every process.
+TEMP_SWEEP_INTERVAL = 24 * 3600.0
+# Name of the (non-failing) /debug/health entry that reports stale temp files not removed.
+TEMP_HEALTH_CHECK = "storagedriver_filesystem_tempfiles"
 
 Handler = Callable[[web.Request, dict[str, str]], Awaitable[web.StreamResponse]]
 
@@ -84,42 +96,161 @@ def _error_response(error: RegistryError) -> web.Response:
     headers = {}
     if isinstance(error, Unauthorized) and error.detail and "realm" in error.detail:
         headers["WWW-Authenticate"] = f'Basic realm="{error.detail["realm"]}"'
+    if isinstance(error, RangeNotSatisfiable) and error.detail and "size" in error.detail:
+        headers["Content-Range"] = f"bytes */{error.detail['size']}"  # RFC 9110, 15.5.17
+    if isinstance(error, TooManyRequests) and error.detail and "retry_after" in error.detail:
+        headers["Retry-After"] = str(error.detail["retry_after"])
     return _json(error.body(), status=status, headers=headers)
 
 
-def _send_range(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
-    """Copy `count` bytes of a file from `offset` to the socket, from a worker thread.
+class _Connection(web.RequestHandler):
+    """aiohttp's handler of one client connection, answering the errors aiohttp makes without
+    any handler or middleware seeing the request (a request line or header its HTTP parser
+    refuses, an exception no handler caught) with the registry's JSON error, as all others."""
 
-    The copy runs on a duplicate of the socket's descriptor (the event loop closing its own
-    can never make this thread write into a reused descriptor), made blocking for the transfer
-    with a send timeout, so a client that stops reading frees the thread. The bytes go through
-    one buffer of SEND_BUFFER bytes: measured on loopback this moves large blobs faster than
-    sendfile(2), whose page-sized fragments cost the receiving side more than one copy costs
-    here. Every call releases the GIL.
-    """
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: Optional[BaseException] = None,
+        message: Optional[str] = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own logs the error, and raises ConnectionError once an answer has started
+        super().handle_error(request, status, exc, message)
+        response = _error_response(error_for_status(status, message if status < 500 else None))
+        response.headers[API_VERSION[0]] = API_VERSION[1]
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    """aiohttp's protocol factory, making `_Connection`s."""
+
+    def __call__(self) -> web.RequestHandler:
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+
+class Runner(web.AppRunner):
+    """web.AppRunner whose connections answer aiohttp's own errors as the registry's (see
+    _Connection). aiohttp has no setting for the connection class (handler_args are only its
+    keyword arguments, and request_factory and middlewares never see what the parser refused),
+    so the server the runner made is turned into a _Server: the same object, one more method."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server
+        return server
+
+
+class ClientStalled(ConnectionError):
+    """A download's client read nothing for SEND_STALL_MS."""
+
+    def __init__(self) -> None:
+        super().__init__(f"the client read nothing for {SEND_STALL_MS // 1000} s")
+
+
+async def _write_or_stall(
+    transport: asyncio.Transport, response: web.StreamResponse, chunk: bytes
+) -> None:
+    """Write one step of a download, waiting (on the event loop, holding no thread) until the
+    connection's buffer has room again. ClientStalled once the client has read nothing for
+    SEND_STALL_MS: the buffer is looked at every SEND_STALL_MS, and only one found exactly as
+    full as at the look before is a stall (it shrinks when the client reads; nothing is added
+    to it meanwhile)."""
+    write = asyncio.ensure_future(response.write(chunk))
+    await asyncio.sleep(0)  # the write's first step runs: the buffer now holds the chunk
+    pending = transport.get_write_buffer_size()
+    try:
+        while True:
+            done, _ = await asyncio.wait((write,), timeout=SEND_STALL_MS / 1000)
+            if done:
+                write.result()
+                return
+            now = transport.get_write_buffer_size()
+            if now == pending:
+                raise ClientStalled()
+            pending = now
+    finally:
+        if not write.done():
+            write.cancel()
+
+
+async def _writable(fd: int) -> None:
+    """Wait until the socket `fd` takes bytes again; ClientStalled after SEND_STALL_MS."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():  # the selector may fire again before the waiting task runs
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await asyncio.wait_for(ready, SEND_STALL_MS / 1000)
+    except asyncio.TimeoutError:
+        raise ClientStalled() from None
+    finally:
+        loop.remove_writer(fd)
+
+
+async def _sendfile(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
+    """Copy `count` bytes of a file from `offset` to a plain TCP socket on the event loop: the
+    kernel moves them (sendfile(2), no copy through Python), as many as the socket buffer takes
+    at a time, and the loop waits for writability in between, so no thread waits for a client.
+    A duplicate of the descriptor is used (the transport owns the original; a transport's fd
+    cannot be watched for writing apart from it), and the loop keeps reading the connection."""
     fd = os.dup(sock_fd)
     try:
-        with socket.socket(fileno=os.dup(fd)) as options:
-            options.setsockopt(
-                socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_STALL_MS // 1000, 0)
-            )
-        os.set_blocking(fd, True)
-        view = memoryview(bytearray(min(SEND_BUFFER, count)))
         while count > 0:
-            n = os.preadv(file_fd, [view[: min(len(view), count)]], offset)
-            if n == 0:
+            try:
+                sent = os.sendfile(fd, file_fd, offset, count)
+            except BlockingIOError:
+                await _writable(fd)
+                continue
+            if sent == 0:
                 raise ConnectionError("blob file ended early")  # truncated under us
-            sent = 0
-            while sent < n:
-                try:
-                    sent += os.write(fd, view[sent:n])
-                except BlockingIOError:
-                    raise ConnectionError("client stopped reading") from None
-            offset += n
-            count -= n
+            offset += sent
+            count -= sent
     finally:
-        os.set_blocking(fd, False)
         os.close(fd)
+
+
+def _drop(transport: asyncio.Transport) -> None:
+    """Close a stalled download's connection now, with a reset: a plain close would keep the
+    socket (and the unread bytes in its buffer) until the client read them, which it won't."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def _read_body(request: web.Request, limit: int, invalid: type[RegistryError]) -> bytes:
+    """The whole request body, however many reads it arrives in (a slow client, TLS records),
+    up to `limit` bytes: TooLarge beyond, `invalid` when the client breaks it off or its
+    chunked encoding is broken."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise TooLarge({"size": declared, "limit": limit})
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge({"limit": limit})
+            chunks.append(chunk)
+    except (ConnectionResetError, web.RequestPayloadError) as exc:
+        raise invalid({"reason": str(exc)[:200]}, message="request body was cut short") from exc
+    return b"".join(chunks)
+
+
+async def _body_piece(request: web.Request) -> bytes:
+    """The next piece of an upload's body, b"" at its end; BlobUploadInvalid when the client
+    breaks it off or its chunked encoding is broken."""
+    try:
+        return await request.content.readany()
+    except (ConnectionResetError, asyncio.IncompleteReadError, web.RequestPayloadError) as exc:
+        raise BlobUploadInvalid(message="upload body was cut short") from exc
 
 
 def _digest_param(value: Optional[str]) -> p.Digest:
@@ -166,6 +297,8 @@ def _page(items: list[str], request: web.Request, default: Optional[int], cap: i
         if not re.fullmatch(r"\d{1,9}", raw_n):
             raise PaginationInvalid({"n": raw_n[:50]})
         n = min(int(raw_n), cap)
+    if n == 0:
+        return [], None  # a Link to the same empty page would send a client round forever
     if last:
         items = [i for i in items if i > last]
     if n is None or len(items) <= n:
@@ -184,15 +317,17 @@ class RegistryApp:
         self.background = background
         os.makedirs(config.rootdirectory, exist_ok=True)
         self.registry = Registry(FilesystemDriver(config.rootdirectory), config.delete_enabled)
-        self.htpasswd: dict[str, bytes] = {}
-        self._auth_cache: dict[str, float] = {}
+        # basic auth (htpasswd, bcrypt), when configured
+        self.auth: Optional[BasicAuth] = None
         self.health_failures = 0
         self.health_error: Optional[str] = None
-        # Downloads get their own threads: a few slow clients must not hold the threads that
-        # uploads and manifest writes run on (and the other way round).
-        self.downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="download")
-        if config.htpasswd_path:
-            self.htpasswd = load_htpasswd(config.htpasswd_path)
+        # what the last sweep of stale temp files left (read-only mode, or removal failed)
+        self.temp_sweep = TempSweep()
+        # Blob reads for downloads get their own threads, apart from the ones uploads and
+        # manifest writes run on; they only ever wait for the disk, never for a client.
+        self.blob_reads = ThreadPoolExecutor(BLOB_READ_THREADS, thread_name_prefix="blob-read")
+        if config.htpasswd_path and config.htpasswd_realm:
+            self.auth = BasicAuth(config.htpasswd_realm, load_htpasswd(config.htpasswd_path))
         self.routes: list[Route] = [
             Route(re.compile(r"^/v2/$"), {"GET": self.base, "HEAD": self.base}),
             Route(re.compile(r"^/v2/_catalog$"), {"GET": self.catalog}),
@@ -245,17 +380,21 @@ class RegistryApp:
         if self.config.health_enabled:
             tasks.append(asyncio.create_task(self._health_loop()))
         tasks.append(asyncio.create_task(self._forget_loop()))
+        tasks.append(asyncio.create_task(self._temp_sweep_loop()))
         yield
         for task in tasks:
             task.cancel()
-        self.downloads.shutdown(wait=False, cancel_futures=True)
+        self.blob_reads.shutdown(wait=False, cancel_futures=True)
+        if self.auth is not None:
+            self.auth.close()
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         started = time.monotonic()
         try:
             if request.path.startswith("/v2"):
-                self._authorize(request)
+                if self.auth is not None:
+                    await self.auth.check(request.headers.get("Authorization"), request.remote)
                 if self.config.readonly and request.method in ("POST", "PUT", "PATCH", "DELETE"):
                     raise Unsupported(message="the registry is in read-only mode")
             response = await handler(request)
@@ -263,6 +402,10 @@ class RegistryApp:
             response = _error_response(error)
         except InvalidPath:
             response = _error_response(NameInvalid())
+        except web.HTTPException as exc:  # aiohttp's router (no route), request.read() (413)
+            if exc.status < 400:
+                raise  # the redirect of /v2
+            response = _error_response(error_for_status(exc.status, exc.text))
         response.headers[API_VERSION[0]] = API_VERSION[1]
         for name, values in self.config.headers.items():
             response.headers[name] = ", ".join(values)
@@ -275,26 +418,6 @@ class RegistryApp:
             (time.monotonic() - started) * 1000,
         )
         return response
-
-    def _authorize(self, request: web.Request) -> None:
-        if not self.config.htpasswd_realm:
-            return
-        challenge = Unauthorized({"realm": self.config.htpasswd_realm})
-        header = request.headers.get("Authorization", "")
-        if not header.lower().startswith("basic "):
-            raise challenge
-        try:
-            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise challenge from exc
-        key = hashlib.sha256(f"{user}\0{password}".encode()).hexdigest()
-        now = time.monotonic()
-        if self._auth_cache.get(key, 0.0) > now:
-            return
-        stored = self.htpasswd.get(user)
-        if stored is None or not _bcrypt_ok(password, stored):
-            raise challenge
-        self._auth_cache[key] = now + AUTH_CACHE_SECONDS
 
     async def redirect_base(self, request: web.Request) -> web.StreamResponse:
         raise web.HTTPMovedPermanently("/v2/")
@@ -319,10 +442,17 @@ class RegistryApp:
         return _json({})
 
     async def health(self, request: web.Request) -> web.StreamResponse:
+        """distribution's format: check name → error, 503 when the storage check fails. Stale
+        temp files the sweep could not remove are reported too, but never fail the check: they
+        cost a little space, and serving goes on (a load balancer must keep this registry)."""
+        body: dict[str, str] = {}
+        status = 200
         if self.config.health_enabled and self.health_failures >= self.config.health_threshold:
-            body = {"storagedriver_filesystem": self.health_error or "unavailable"}
-            return _json(body, status=503, headers={API_VERSION[0]: API_VERSION[1]})
-        return _json({}, headers={API_VERSION[0]: API_VERSION[1]})
+            body["storagedriver_filesystem"] = self.health_error or "unavailable"
+            status = 503
+        if self.temp_sweep.left:
+            body[TEMP_HEALTH_CHECK] = self._temp_report(self.temp_sweep)
+        return _json(body, status=status, headers={API_VERSION[0]: API_VERSION[1]})
 
     async def catalog(self, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
         repos = await asyncio.to_thread(self.registry.catalog)
@@ -376,45 +506,62 @@ class RegistryApp:
         start: int,
         length: int,
     ) -> None:
-        loop = asyncio.get_running_loop()
+        """Copy a blob's bytes to the client, on the event loop, holding no thread while the
+        client reads. Plain HTTP: sendfile(2) driven by writability (_sendfile). TLS: each
+        SEND_BUFFER step is read by a blob-read thread (the next one while this one is sent),
+        then written to the connection, whose buffer must drain before the next step
+        (_write_or_stall). A client that stops reading holds its socket buffer, at most two
+        steps of memory under TLS, and its descriptors, until SEND_STALL_MS drops it; other
+        downloads go on meanwhile."""
         transport = request.transport
+        if transport is None:
+            raise ConnectionError("the client went away")
         with self.registry.open_blob(digest) as f:
-            sock = transport.get_extra_info("socket") if transport is not None else None
-            if (
-                transport is not None
-                and sock is not None
-                and transport.get_extra_info("sslcontext") is None
-                and transport.get_write_buffer_size() == 0
-            ):
-                # Plain HTTP with the headers already on the wire: copy from a worker thread,
-                # so the event loop does not turn once per socket buffer.
-                # The loop stops reading the connection meanwhile: it is blocking for the copy.
-                paused = transport.is_reading()
-                if paused:
-                    transport.pause_reading()
-                try:
-                    await loop.run_in_executor(
-                        self.downloads, _send_range, sock.fileno(), f.fileno(), start, length
-                    )
-                finally:
-                    if paused and not transport.is_closing():
-                        transport.resume_reading()
-                return
-            if transport is not None:
-                try:
-                    # asyncio's own sendfile, which falls back to reads and writes under TLS.
-                    await loop.sendfile(transport, f, start, length)
-                    return
-                except NotImplementedError:
-                    pass
-            f.seek(start)
-            remaining = length
-            while remaining:
-                chunk = f.read(min(STREAM_CHUNK, remaining))
+            sock = transport.get_extra_info("socket")
+            try:
+                if (
+                    sock is not None
+                    and transport.get_extra_info("sslcontext") is None
+                    and transport.get_write_buffer_size() == 0  # the headers are on the wire
+                ):
+                    await _sendfile(sock.fileno(), f.fileno(), start, length)
+                else:
+                    await self._send_steps(transport, response, f.fileno(), start, length)
+            except ClientStalled:
+                _drop(transport)
+                raise
+
+    async def _send_steps(
+        self,
+        transport: asyncio.Transport,
+        response: web.StreamResponse,
+        fd: int,
+        start: int,
+        length: int,
+    ) -> None:
+        """Send `length` bytes of the file `fd` from `start` in SEND_BUFFER steps (TLS)."""
+        loop = asyncio.get_running_loop()
+        end = start + length
+
+        def read(offset: int) -> asyncio.Future[bytes]:
+            size = min(SEND_BUFFER, end - offset)
+            return loop.run_in_executor(self.blob_reads, os.pread, fd, size, offset)
+
+        offset = start
+        reading = read(offset)
+        try:
+            while True:
+                chunk = await reading
                 if not chunk:
-                    raise BlobUnknown({"digest": str(digest)})
-                await response.write(chunk)
-                remaining -= len(chunk)
+                    raise ConnectionError("blob file ended early")  # truncated under us
+                offset += len(chunk)
+                if offset < end:
+                    reading = read(offset)  # the next step is read while this one is sent
+                await _write_or_stall(transport, response, chunk)
+                if offset >= end:
+                    return
+        finally:
+            reading.cancel()
 
     async def blob_delete(self, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
         if not self.config.delete_enabled:
@@ -431,50 +578,68 @@ class RegistryApp:
         }
 
     async def _stream_into(
-        self, request: web.Request, name: str, upload_id: str, start: Optional[int]
-    ) -> tuple[int, int]:
-        """Append the request body to an upload: (bytes received, upload size after)."""
+        self,
+        request: web.Request,
+        name: str,
+        upload_id: str,
+        start: Optional[int] = None,
+        end: Optional[int] = None,
+    ) -> int:
+        """Append the request body to an upload as one chunk; the upload's size after. A chunk
+        is whole or not at all: one whose length differs from its Content-Range (`start`-`end`)
+        or Content-Length, or whose body is cut short, is refused and leaves the upload as it
+        was (Registry.append_upload); a mismatch of the two headers is refused before the body
+        is read. The upload is locked from the body's first byte on, not while the headers
+        wait for it: a body that comes once the upload has finished is refused as unknown."""
         loop = asyncio.get_running_loop()
         declared = request.content_length
+        if declared is not None:
+            ensure_upload_offsets(start, end, declared)
+        status = self.registry.expect_offset(name, upload_id, start)
+        chunk = await _body_piece(request)
+        if not chunk:
+            ensure_upload_offsets(start, end, 0)
+            self._check_length(request, 0)
+            return status.size
         with self.registry.append_upload(name, upload_id, start) as appender:
             before = appender.size
             if declared is not None and declared <= INLINE_BODY_MAX:
-                # A small body: each chunk hashed and written as it arrives, overlapping the
+                # A small body: each piece hashed and written as it arrives, overlapping the
                 # client's sending, with no thread hop.
+                while chunk:
+                    appender.write(chunk)
+                    chunk = await _body_piece(request)
+            else:
+                # Pipeline: a worker thread hashes and writes one batch (hashlib and file
+                # writes release the GIL) while the event loop receives the next one.
+                writing: Optional[asyncio.Future[None]] = None
+                batch: list[bytes] = []
+                batched = 0
                 try:
-                    while chunk := await request.content.readany():
-                        appender.write(chunk)
-                except (ConnectionResetError, asyncio.IncompleteReadError) as exc:
-                    raise BlobUploadInvalid(message="upload body was cut short") from exc
-                return appender.size - before, appender.size
-            # Pipeline: a worker thread hashes and writes one batch (hashlib and file writes
-            # release the GIL) while the event loop receives the next one.
-            writing: Optional[asyncio.Future[None]] = None
-            batch: list[bytes] = []
-            batched = 0
-            try:
-                while True:
-                    chunk = await request.content.readany()
-                    if chunk:
-                        batch.append(chunk)
-                        batched += len(chunk)
-                    if batched >= STREAM_CHUNK or (not chunk and batch):
-                        if writing is not None:
-                            await writing
-                        if not chunk and writing is None:
-                            # A small body in one batch: no thread hop for it.
-                            appender.write_many(batch)
-                        else:
-                            writing = loop.run_in_executor(None, appender.write_many, batch)
-                        batch, batched = [], 0
-                    if not chunk:
-                        break
-            except (ConnectionResetError, asyncio.IncompleteReadError) as exc:
-                raise BlobUploadInvalid(message="upload body was cut short") from exc
-            finally:
-                if writing is not None:
-                    await writing
-            return appender.size - before, appender.size
+                    while True:
+                        if chunk:
+                            batch.append(chunk)
+                            batched += len(chunk)
+                        if batched >= STREAM_CHUNK or (not chunk and batch):
+                            if writing is not None:
+                                await writing
+                            if not chunk and writing is None:
+                                # A small body in one batch: no thread hop for it.
+                                appender.write_many(batch)
+                            else:
+                                writing = loop.run_in_executor(None, appender.write_many, batch)
+                            batch, batched = [], 0
+                        if not chunk:
+                            break
+                        chunk = await _body_piece(request)
+                finally:
+                    if writing is not None:
+                        await writing
+            # Checked inside the block: a refusal here takes the chunk back.
+            received = appender.size - before
+            ensure_upload_offsets(start, end, received)
+            self._check_length(request, received)
+            return appender.size
 
     def _check_length(self, request: web.Request, received: int) -> None:
         declared = request.headers.get("Content-Length")
@@ -495,8 +660,7 @@ class RegistryApp:
         status = self.registry.start_upload(name)
         if "digest" in request.query:
             digest = _digest_param(request.query.get("digest"))
-            received, _ = await self._stream_into(request, name, status.upload_id, None)
-            self._check_length(request, received)
+            await self._stream_into(request, name, status.upload_id)
             await asyncio.to_thread(self.registry.finish_upload, name, status.upload_id, digest)
             return self._created(name, digest)
         return web.Response(status=202, headers=self._upload_headers(name, status.upload_id, 0))
@@ -524,8 +688,7 @@ class RegistryApp:
     ) -> web.StreamResponse:
         name, upload_id = params["name"], p.validate_upload_id(params["upload"])
         start, end = _content_range(request.headers.get("Content-Range"))
-        received, size = await self._stream_into(request, name, upload_id, start)
-        ensure_upload_offsets(start, end, received)
+        size = await self._stream_into(request, name, upload_id, start, end)
         return web.Response(status=202, headers=self._upload_headers(name, upload_id, size))
 
     async def upload_put(self, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
@@ -533,8 +696,7 @@ class RegistryApp:
         digest = _digest_param(request.query.get("digest"))
         if request.can_read_body:
             start, end = _content_range(request.headers.get("Content-Range"))
-            received, _ = await self._stream_into(request, name, upload_id, start)
-            ensure_upload_offsets(start, end, received)
+            await self._stream_into(request, name, upload_id, start, end)
         await asyncio.to_thread(self.registry.finish_upload, name, upload_id, digest)
         return self._created(name, digest)
 
@@ -565,12 +727,7 @@ class RegistryApp:
         self, request: web.Request, params: dict[str, str]
     ) -> web.StreamResponse:
         name, reference = params["name"], params["reference"]
-        declared = request.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > MANIFEST_MAX:
-            raise TooLarge({"size": int(declared), "limit": MANIFEST_MAX})
-        raw = await request.content.read(MANIFEST_MAX + 1)
-        if len(raw) > MANIFEST_MAX:
-            raise TooLarge({"limit": MANIFEST_MAX})
+        raw = await _read_body(request, MANIFEST_MAX, ManifestInvalid)
         digest, manifest = await asyncio.to_thread(
             self.registry.put_manifest, name, reference, raw, request.content_type
         )
@@ -632,6 +789,40 @@ class RegistryApp:
                 log.info("upload purge removed %s/%s", name, upload_id)
         return purged
 
+    async def _temp_sweep_loop(self) -> None:
+        """Remove stale temp files at start-up and every TEMP_SWEEP_INTERVAL. Every process
+        sweeps (each removal is safe by age alone), so each one's /debug/health is right."""
+        while True:
+            await asyncio.to_thread(self.sweep_temp_files)
+            await asyncio.sleep(TEMP_SWEEP_INTERVAL)
+
+    def sweep_temp_files(self) -> TempSweep:
+        """Remove temp files older than TEMP_STALE_SECONDS below the root (read-only mode: only
+        find them); what is left is reported by /debug/health."""
+        sweep = sweep_temp_files(
+            self.config.rootdirectory, TEMP_STALE_SECONDS, remove=not self.config.readonly
+        )
+        if sweep.removed:
+            log.warning(
+                "removed %d stale temp files (.tmp-*, older than %ds) from the storage root",
+                sweep.removed,
+                TEMP_STALE_SECONDS,
+            )
+        if sweep.left:
+            log.warning("%s", self._temp_report(sweep))
+        self.temp_sweep = sweep
+        return sweep
+
+    @staticmethod
+    def _temp_report(sweep: TempSweep) -> str:
+        path, mtime, why = min(sweep.left, key=lambda entry: entry[1])
+        reasons = sorted({entry[2] for entry in sweep.left})
+        return (
+            f"{len(sweep.left)} stale temp files (.tmp-*, older than {TEMP_STALE_SECONDS:.0f}s)"
+            f" left in the storage root ({'; '.join(reasons)}); the oldest, "
+            f"{time.time() - mtime:.0f}s old: {path}"
+        )
+
     async def _health_loop(self) -> None:
         while True:
             try:
@@ -642,32 +833,3 @@ class RegistryApp:
                 self.health_failures += 1
                 self.health_error = f"{type(exc).__name__}: {exc}"
             await asyncio.sleep(self.config.health_interval)
-
-
-def load_htpasswd(path: str) -> dict[str, bytes]:
-    """user → bcrypt hash; any other hash scheme is refused (bcrypt entries only)."""
-    entries: dict[str, bytes] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            user, sep, hashed = line.partition(":")
-            if not sep or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
-                raise ValueError(
-                    f"{path}:{number}: entry for {user!r} is not bcrypt "
-                    "(create it with htpasswd -B)"
-                )
-            entries[user] = hashed.encode()
-    return entries
-
-
-def _bcrypt_ok(password: str, stored: bytes) -> bool:
-    import bcrypt
-
-    if stored.startswith(b"$2y$"):
-        stored = b"$2b$" + stored[4:]
-    try:
-        return bool(bcrypt.checkpw(password.encode(), stored))
-    except ValueError:
-        return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Optional, Protocol
 
 from dockyard.fsutil import atomic_write, fsync_dir, fsync_path, stage_file
-from dockyard.registry.errors import InvalidPath, PathNotFound
+from dockyard.registry.errors import InvalidPath, PathLocked, PathNotFound
 
 # A storage path: '/'-separated components of these characters (a trailing '/' is allowed) ...
 _SAFE_PATH = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*/?")
@@ -32,12 +33,16 @@ class FileInfo:
 
 
 class FileWriter(Protocol):
-    """An appending writer: `commit` makes the bytes durable, `cancel` removes them."""
+    """An appending writer: `commit` makes the bytes durable, `cancel` removes them, `truncate`
+    takes back what was written past a size. One opened to append holds the file's lock until
+    `close` (see StorageDriver.writer)."""
 
     @property
     def size(self) -> int: ...
 
     def write(self, data: bytes) -> int: ...
+
+    def truncate(self, size: int) -> None: ...
 
     def commit(self) -> None: ...
 
@@ -55,7 +60,13 @@ class StorageDriver(Protocol):
 
     def reader(self, path: str, offset: int = 0) -> BinaryIO: ...
 
-    def writer(self, path: str, append: bool = False) -> FileWriter: ...
+    def writer(self, path: str, append: bool = False) -> FileWriter:
+        """A new file (`append` false), or the end of an existing one (`append`): then the
+        writer holds the file's exclusive lock until closed, across every process sharing the
+        storage, and is refused at once (PathLocked) while another writer holds it, never
+        waiting; a file moved or removed before the lock was taken is PathNotFound, never
+        written (its bytes may be another path's now, e.g. a committed blob's)."""
+        ...
 
     def stat(self, path: str) -> FileInfo: ...
 
@@ -92,34 +103,74 @@ _SYNCERS = ThreadPoolExecutor(16, thread_name_prefix="fsync")
 WRITEBACK_STEP = 8 * 1024 * 1024
 
 
+def _open_locked(path: str, full: str) -> int:
+    """A descriptor appending to the existing file `full` (storage path `path`), holding its
+    exclusive lock (flock, which NFS clients emulate with a byte-range lock the server sees):
+    PathLocked when another descriptor holds it; FileNotFoundError when `full` is not (or no
+    longer) the file locked."""
+    fd = os.open(full, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise PathLocked(path) from exc
+        # The holder before us may have moved the file (a finished upload is a blob now) or
+        # removed it: the descriptor must still be the file at the path.
+        opened, current = os.fstat(fd), os.stat(full, follow_symlinks=False)
+        if (opened.st_dev, opened.st_ino) != (current.st_dev, current.st_ino):
+            raise FileNotFoundError(full)
+    except BaseException:
+        os.close(fd)  # releases the lock with the descriptor
+        raise
+    return fd
+
+
 class _FsWriter:
-    def __init__(self, full: str, append: bool) -> None:
+    def __init__(self, path: str, full: str, append: bool) -> None:
         self._path = full
         try:
-            self._file = open(full, "ab" if append else "wb")  # noqa: SIM115 - closed in close()
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            self._file = open(full, "ab" if append else "wb")  # noqa: SIM115 - as above
-        self._size = self._file.tell()
+            if append:
+                self._fd = _open_locked(path, full)
+            else:
+                self._fd = self._create(full)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise PathNotFound(path) from exc
+        self._size = os.fstat(self._fd).st_size
         self._kicked = self._size
         self._closed = False
+
+    @staticmethod
+    def _create(full: str) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            return os.open(full, flags, 0o666)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            return os.open(full, flags, 0o666)
 
     @property
     def size(self) -> int:
         return self._size
 
     def write(self, data: bytes) -> int:
-        written = self._file.write(data)
-        self._size += written
+        view = memoryview(data)
+        while view:  # unbuffered: what truncate takes back is all on the file
+            written = os.write(self._fd, view)
+            self._size += written
+            view = view[written:]
         if _SYNC_FILE_RANGE is not None and self._size - self._kicked >= WRITEBACK_STEP:
-            self._file.flush()
-            _SYNC_FILE_RANGE(self._file.fileno(), self._kicked, self._size - self._kicked)
+            _SYNC_FILE_RANGE(self._fd, self._kicked, self._size - self._kicked)
             self._kicked = self._size
-        return written
+        return len(data)
+
+    def truncate(self, size: int) -> None:
+        """Cut the file back to `size` bytes (what it had before a refused chunk)."""
+        os.ftruncate(self._fd, size)
+        self._size = size
+        self._kicked = min(self._kicked, size)
 
     def commit(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        os.fsync(self._fd)
 
     def cancel(self) -> None:
         self.close()
@@ -130,13 +181,14 @@ class _FsWriter:
 
     def close(self) -> None:
         if not self._closed:
-            if _SYNC_FILE_RANGE is not None and self._size > self._kicked:
-                # start writeback of the tail now: the fsync at commit then finds it under way
-                self._file.flush()
-                _SYNC_FILE_RANGE(self._file.fileno(), self._kicked, self._size - self._kicked)
-                self._kicked = self._size
-            self._file.close()
             self._closed = True
+            try:
+                if _SYNC_FILE_RANGE is not None and self._size > self._kicked:
+                    # start writeback of the tail now: the fsync at commit then finds it under way
+                    _SYNC_FILE_RANGE(self._fd, self._kicked, self._size - self._kicked)
+                    self._kicked = self._size
+            finally:
+                os.close(self._fd)
 
 
 class FilesystemDriver:
@@ -179,7 +231,7 @@ class FilesystemDriver:
         return f
 
     def writer(self, path: str, append: bool = False) -> FileWriter:
-        return _FsWriter(self._full(path), append)
+        return _FsWriter(path, self._full(path), append)
 
     def stat(self, path: str) -> FileInfo:
         try:

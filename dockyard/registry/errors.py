@@ -18,6 +18,10 @@ class InvalidPath(DriverError):
     """A path outside the storage root or with forbidden components."""
 
 
+class PathLocked(DriverError):
+    """Another writer (in any process sharing the storage) holds this file's lock."""
+
+
 class RegistryError(Exception):
     """An error with an OCI error code; the HTTP status comes from ERROR_STATUS."""
 
@@ -88,8 +92,10 @@ class SizeInvalid(RegistryError):
 
 
 class TagInvalid(RegistryError):
-    code = "TAG_INVALID"
-    message = "manifest tag did not match URI"
+    """A tag that does not match the spec's tag pattern (the spec has no TAG_INVALID code)."""
+
+    code = "MANIFEST_INVALID"
+    message = "invalid tag"
 
 
 class Unauthorized(RegistryError):
@@ -122,7 +128,9 @@ class RangeNotSatisfiable(RegistryError):
 
 
 class PaginationInvalid(RegistryError):
-    code = "PAGINATION_NUMBER_INVALID"
+    """An `n` that is not a number (UNSUPPORTED: "an invalid set of parameters")."""
+
+    code = "UNSUPPORTED"
     message = "invalid number of results requested"
 
 
@@ -132,13 +140,36 @@ class TooLarge(RegistryError):
 
 
 class NotFound(RegistryError):
-    code = "NOT_FOUND"
-    message = "not found"
+    """A path that is no endpoint of the API (the spec has no NOT_FOUND code)."""
+
+    code = "UNSUPPORTED"
+    message = "no such endpoint"
+
+
+class RequestInvalid(RegistryError):
+    """A request aiohttp refused before any handler saw it (request line, headers, body)."""
+
+    code = "UNSUPPORTED"
+    message = "malformed HTTP request"
+
+
+class TooManyRequests(RegistryError):
+    """Too much work asked at once (detail["retry_after"]: seconds, for Retry-After)."""
+
+    code = "TOOMANYREQUESTS"
+    message = "too many requests"
 
 
 class Unavailable(RegistryError):
     code = "UNAVAILABLE"
     message = "storage unavailable"
+
+
+class InternalError(RegistryError):
+    """A failure of the registry itself (5xx: the spec lists client errors only)."""
+
+    code = "UNKNOWN"
+    message = "internal server error"
 
 
 # The one table from error type to HTTP status (OCI distribution spec, section "Error Codes").
@@ -162,9 +193,31 @@ ERROR_STATUS: dict[type[RegistryError], int] = {
     PaginationInvalid: 400,
     TooLarge: 413,
     NotFound: 404,
+    RequestInvalid: 400,
+    TooManyRequests: 429,
     Unavailable: 503,
+    InternalError: 500,
+}
+
+# aiohttp's own errors (from its router, its HTTP parser, request.read(), an exception no handler
+# caught), by HTTP status, as the errors above; any other status below 500 is RequestInvalid and
+# any other from 500 up is InternalError.
+HTTP_ERRORS: dict[int, type[RegistryError]] = {
+    400: RequestInvalid,
+    404: NotFound,
+    405: Unsupported,
+    413: TooLarge,
+    429: TooManyRequests,
+    503: Unavailable,
 }
 
 
 def status_for(error: RegistryError) -> int:
     return ERROR_STATUS.get(type(error), 500)
+
+
+def error_for_status(status: int, reason: Optional[str] = None) -> RegistryError:
+    """The registry error standing for an error answer aiohttp made itself (see HTTP_ERRORS);
+    `reason`, aiohttp's text, is kept (shortened) as the detail."""
+    kind = HTTP_ERRORS.get(status, RequestInvalid if status < 500 else InternalError)
+    return kind({"reason": reason[:200]} if reason else None)

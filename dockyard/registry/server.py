@@ -21,8 +21,9 @@ from typing import Optional
 
 from aiohttp import web
 
-from dockyard.registry.app import RegistryApp
+from dockyard.registry.app import RegistryApp, Runner
 from dockyard.registry.config import RegistryConfig
+from dockyard.registry.listener import Connections, MalformedRequestLog, Site, raise_fd_limit
 
 log = logging.getLogger("dockyard.registry")
 
@@ -30,6 +31,15 @@ log = logging.getLogger("dockyard.registry")
 MAX_DEFAULT_WORKERS = 4
 MAX_WORKERS = 64
 LISTEN_BACKLOG = 1024
+# Seconds a connection has to send each complete request head: from when it is accepted (after
+# the TLS handshake) and from the end of each response. A connection that sends nothing, or a
+# head byte by byte, and an idle keep-alive connection are closed when it runs out (aiohttp's
+# keepalive_timeout; aiohttp 3.14.5, the one installed, starts it at accept, not only after a
+# first response as older releases did).
+REQUEST_HEAD_SECONDS = 20.0
+# TLS 1.2 cipher suites offered: ECDHE key exchange with an AEAD cipher only (no CBC, no static
+# RSA). TLS 1.3 suites are all AEAD and not set by this.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 # Seconds a start keeps retrying a bind that finds the port still held by a dying registry.
 BIND_RETRY_SECONDS = 10.0
 # Seconds between checks that every worker is alive.
@@ -54,6 +64,7 @@ def tls_context(config: RegistryConfig) -> Optional[ssl.SSLContext]:
     context.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if config.tls.minimum == "tls1.3" else ssl.TLSVersion.TLSv1_2
     )
+    context.set_ciphers(TLS12_CIPHERS)
     context.load_cert_chain(config.tls.certificate, config.tls.key)
     if config.tls.clientcas:
         for ca in config.tls.clientcas:
@@ -160,14 +171,29 @@ def _run(config: RegistryConfig, sock: socket.socket, primary: bool, children: l
     if primary and children:
         app.on_shutdown.append(lambda _app: _stop_workers(children))
         app.cleanup_ctx.append(lambda _app: _watch_workers(children))
-    web.run_app(
-        app,
-        sock=sock,
-        ssl_context=tls_context(config),
-        print=None,
-        access_log=None,
-        handle_signals=True,
+    try:
+        asyncio.run(_serve(app, sock, tls_context(config)))
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+
+
+async def _serve(
+    app: web.Application, sock: socket.socket, ssl_context: Optional[ssl.SSLContext]
+) -> None:
+    """web.run_app's work with the registry's Runner (aiohttp's own errors answered as JSON):
+    serve until SIGTERM or SIGINT (GracefulExit), then shut the app down."""
+    runner = Runner(
+        app, handle_signals=True, access_log=None, keepalive_timeout=REQUEST_HEAD_SECONDS
     )
+    connections = Connections()  # the accept loop closes the oldest idle ones when crowded
+    app.middlewares.insert(0, connections.middleware)
+    await runner.setup()
+    try:
+        site = Site(runner, sock, connections, ssl_context=ssl_context)
+        await site.start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
 
 
 async def _stop_workers(children: list[int]) -> None:
@@ -218,8 +244,10 @@ def serve(config: RegistryConfig, workers: int = 1) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
     check_workers(workers)
     tls_context(config)  # a bad certificate or key fails here, before anything forks
+    raise_fd_limit()  # before the workers fork: they inherit it
     host, port = config.host_port
     sock = _listen(host, port)
     scheme = "https" if config.tls else "http"

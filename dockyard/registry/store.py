@@ -12,12 +12,12 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Optional
 
 from dockyard.registry import paths as p
-from dockyard.registry.driver import StorageDriver
+from dockyard.registry.driver import FileWriter, StorageDriver
 from dockyard.registry.errors import (
     BlobUnknown,
     BlobUploadInvalid,
@@ -28,6 +28,7 @@ from dockyard.registry.errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
+    PathLocked,
     PathNotFound,
     RangeInvalid,
     TooLarge,
@@ -40,6 +41,8 @@ MANIFEST_MAX = 4 * 1024 * 1024
 REHASH_CHUNK = 4 * 1024 * 1024
 # Lock file that orders manifest writes against a sweeping garbage collector (shared/exclusive).
 GC_LOCK = f"{p.ROOT_PREFIX}/.gc.lock"
+# Why a chunk, finish or cancel of an upload is refused while another request holds the upload.
+UPLOAD_BUSY = "another request is writing or finishing this upload"
 
 
 def _link_digest(data: bytes) -> p.Digest:
@@ -183,7 +186,7 @@ class Registry:
             state = self._hashes.get((name, upload_id))
         if state is not None and state.offset == size:
             return state
-        # After a restart (or an interrupted chunk) hash what is on disk once, then go on.
+        # After a restart (or chunks another worker process wrote) hash what is on disk once.
         hasher = hashlib.sha256()
         with self.driver.reader(p.path_for(p.UploadData(name, upload_id))) as f:
             remaining = size
@@ -198,52 +201,100 @@ class Registry:
             self._hashes[(name, upload_id)] = state
         return state
 
+    def expect_offset(self, name: str, upload_id: str, start: Optional[int]) -> UploadStatus:
+        """The upload's status; RangeInvalid when a chunk starting at `start` (from its
+        Content-Range) would not continue it. A check before a body is read: append_upload
+        checks again under the upload's lock."""
+        status = self.upload_status(name, upload_id)
+        _check_start(start, status.size)
+        return status
+
+    @contextmanager
+    def _locked(self, name: str, upload_id: str) -> Iterator[FileWriter]:
+        """The upload's data file opened to append, holding its lock for the block (see
+        StorageDriver.writer): BlobUploadInvalid at once while another request, in any process,
+        holds it; BlobUploadUnknown when the upload is gone (finished, cancelled, purged)."""
+        try:
+            writer = self.driver.writer(p.path_for(p.UploadData(name, upload_id)), append=True)
+        except (PathNotFound, InvalidPath) as exc:
+            raise BlobUploadUnknown({"upload": upload_id}) from exc
+        except PathLocked as exc:
+            raise BlobUploadInvalid({"upload": upload_id}, message=UPLOAD_BUSY) from exc
+        try:
+            yield writer
+        finally:
+            writer.close()
+
     @contextmanager
     def append_upload(
         self, name: str, upload_id: str, start: Optional[int] = None
     ) -> Iterator[UploadAppender]:
-        """Append to an upload; `start` (from Content-Range) must equal its current size."""
-        status = self.upload_status(name, upload_id)
-        if start is not None and start != status.size:
-            raise RangeInvalid(
-                {"expected": status.size, "got": start},
-                message=f"chunk starts at {start}, the upload has {status.size} bytes",
-            )
-        state = self._hash_state(name, upload_id, status.size)
-        writer = self.driver.writer(p.path_for(p.UploadData(name, upload_id)), append=True)
-        appender = UploadAppender(writer, state)
+        """Append one chunk to an upload, holding its lock for the block: a chunk, finish or
+        cancel of the same upload meanwhile is refused (BlobUploadInvalid), so no byte lands in
+        a file that is committed or being committed. `start` (from Content-Range) must equal
+        its size. A chunk is whole or not at all: whatever the block raises (a refused or
+        broken-off body) cuts the data file back to its size before and restores the digest
+        state."""
+        with self._locked(name, upload_id) as writer:
+            before = writer.size
+            _check_start(start, before)
+            state = self._hash_state(name, upload_id, before)
+            saved = state.hasher.copy()
+            appender = UploadAppender(writer, state)
+            try:
+                yield appender
+            except BaseException:
+                appender.stop()
+                self._take_back(name, upload_id, writer, before, saved)
+                raise
+            finally:
+                appender.stop()
+
+    def _take_back(
+        self, name: str, upload_id: str, writer: FileWriter, size: int, hasher: Any
+    ) -> None:
+        """Undo a refused chunk: the data file cut back to `size` and the digest state back to
+        `hasher` (the state at `size`); when the cut fails, the state is dropped, to be hashed
+        again from storage."""
+        key = (name, upload_id)
         try:
-            yield appender
-        finally:
-            writer.close()
-            state.offset = writer.size
+            writer.truncate(size)
+        except OSError:
+            with self._lock:
+                self._hashes.pop(key, None)
+            raise
+        with self._lock:
+            self._hashes[key] = _HashState(size, hasher)
 
     def finish_upload(self, name: str, upload_id: str, expected: p.Digest) -> p.Digest:
-        """Verify the upload's digest, move it into the blob store (once), link it in `name`."""
-        status = self.upload_status(name, upload_id)
+        """Verify the upload's digest, move it into the blob store (once), link it in `name`.
+        The upload's lock is held from the hash to the upload's removal: a chunk that comes
+        meanwhile is refused as busy, one that comes after as unknown, never written into the
+        committed blob; a finish while a chunk is being written is refused as busy."""
         data_path = p.path_for(p.UploadData(name, upload_id))
-        if expected.algorithm == "sha256":
-            actual = self._hash_state(name, upload_id, status.size).hasher.hexdigest()
-        else:
-            hasher = hashlib.new(expected.algorithm)
-            with self.driver.reader(data_path) as f:
-                for chunk in iter(lambda: f.read(REHASH_CHUNK), b""):
-                    hasher.update(chunk)
-            actual = hasher.hexdigest()
-        if actual != expected.hex:
-            self.cancel_upload(name, upload_id)
-            raise DigestInvalid(
-                {"expected": str(expected), "actual": f"{expected.algorithm}:{actual}"}
-            )
-        link = p.path_for(p.LayerLink(name, expected))
-        if self.blob_exists(expected):
-            self.link_blob(name, expected)
-        else:
-            # blob in place first, then its link; both durable before the 201
-            self.driver.move_then_put(
-                data_path, p.path_for(p.BlobData(expected)), link, str(expected).encode()
-            )
-        self.cancel_upload(name, upload_id)
+        with self._locked(name, upload_id) as writer:
+            if expected.algorithm == "sha256":
+                actual = self._hash_state(name, upload_id, writer.size).hasher.hexdigest()
+            else:
+                hasher = hashlib.new(expected.algorithm)
+                with self.driver.reader(data_path) as f:
+                    for chunk in iter(lambda: f.read(REHASH_CHUNK), b""):
+                        hasher.update(chunk)
+                actual = hasher.hexdigest()
+            if actual != expected.hex:
+                self._remove_upload(name, upload_id, missing_ok=True)
+                raise DigestInvalid(
+                    {"expected": str(expected), "actual": f"{expected.algorithm}:{actual}"}
+                )
+            link = p.path_for(p.LayerLink(name, expected))
+            if self.blob_exists(expected):
+                self.link_blob(name, expected)
+            else:
+                # blob in place first, then its link; both durable before the 201
+                self.driver.move_then_put(
+                    data_path, p.path_for(p.BlobData(expected)), link, str(expected).encode()
+                )
+            self._remove_upload(name, upload_id, missing_ok=True)
         return expected
 
     def forget_gone_uploads(self) -> int:
@@ -263,6 +314,17 @@ class Registry:
         return len(gone)
 
     def cancel_upload(self, name: str, upload_id: str) -> None:
+        """Remove an upload; refused (BlobUploadInvalid) while another request writes or
+        finishes it. One without a data file (a finish between its rename and its removal, or
+        a crash's leftover) is removed as it is: nothing can be written into it."""
+        with ExitStack() as held:
+            try:
+                held.enter_context(self._locked(name, upload_id))
+            except BlobUploadUnknown:
+                pass  # no data file to lock: nothing to write into
+            self._remove_upload(name, upload_id)
+
+    def _remove_upload(self, name: str, upload_id: str, missing_ok: bool = False) -> None:
         with self._lock:
             self._hashes.pop((name, upload_id), None)
         # The files this registry writes first (cheaper than walking the directory), then the
@@ -275,7 +337,8 @@ class Registry:
         try:
             self.driver.delete(p.path_for(p.UploadRoot(name, upload_id)))
         except PathNotFound as exc:
-            raise BlobUploadUnknown({"upload": upload_id}) from exc
+            if not missing_ok:
+                raise BlobUploadUnknown({"upload": upload_id}) from exc
 
     def uploads(self) -> Iterator[tuple[str, str, dt.datetime]]:
         """(repository, upload id, started at) of every upload on storage; an upload without a
@@ -349,7 +412,7 @@ class Registry:
     ) -> tuple[p.Digest, Manifest]:
         if len(raw) > MANIFEST_MAX:
             raise TooLarge({"size": len(raw), "limit": MANIFEST_MAX})
-        manifest = parse_manifest(raw, content_type)
+        manifest = parse_manifest(raw, content_type, strict=True)
         digest = p.Digest("sha256", hashlib.sha256(raw).hexdigest())
         if ":" in reference:
             wanted = p.parse_digest(reference)
@@ -372,6 +435,8 @@ class Registry:
                 raise ManifestBlobUnknown({"missing": missing[:20]})
             if not self.blob_exists(digest):
                 self.driver.put_content(p.path_for(p.BlobData(digest)), raw)
+            # Written anew on every PUT, even when it exists: its mtime dates the push for the
+            # garbage collector's grace period (gc.py keeps manifests pushed within it).
             self.driver.put_content(p.path_for(p.RevisionLink(name, digest)), str(digest).encode())
             if manifest.subject is not None:
                 self.driver.put_content(
@@ -472,27 +537,38 @@ class Registry:
 
 
 class UploadAppender:
-    """Writes a chunk to an upload's data file and its running digest, one pass per byte."""
+    """Writes a chunk to an upload's data file and its running digest, one pass per byte.
+    Batches may be written from a worker thread (write_many); `stop` waits for one being
+    written and refuses any later, so the upload is never cut back or closed under a write
+    (a request cancelled while its batch was being written)."""
 
-    def __init__(self, writer: Any, state: _HashState) -> None:
+    def __init__(self, writer: FileWriter, state: _HashState) -> None:
         self._writer = writer
         self._state = state
+        self._busy = threading.Lock()
+        self._stopped = False
 
     @property
     def size(self) -> int:
         return int(self._writer.size)
 
     def write(self, data: bytes) -> None:
-        self._writer.write(data)
-        self._state.hasher.update(data)
-        self._state.offset = self._writer.size
+        self.write_many([data])
 
     def write_many(self, chunks: list[bytes]) -> None:
         """Write and hash a batch of chunks in order (run in a worker thread)."""
-        for data in chunks:
-            self._writer.write(data)
-            self._state.hasher.update(data)
-        self._state.offset = self._writer.size
+        with self._busy:
+            if self._stopped:
+                raise ValueError("write to an upload chunk that has ended")
+            for data in chunks:
+                self._writer.write(data)
+                self._state.hasher.update(data)
+                self._state.offset = self._writer.size
+
+    def stop(self) -> None:
+        """End the chunk: wait for a batch being written; refuse any later."""
+        with self._busy:
+            self._stopped = True
 
 
 def _parse_time(text: str) -> dt.datetime:
@@ -520,6 +596,14 @@ def media_type_of(raw: bytes) -> str:
     if isinstance(doc, dict) and "manifests" in doc:
         return "application/vnd.oci.image.index.v1+json"
     return "application/vnd.oci.image.manifest.v1+json"
+
+
+def _check_start(start: Optional[int], size: int) -> None:
+    if start is not None and start != size:
+        raise RangeInvalid(
+            {"expected": size, "got": start},
+            message=f"chunk starts at {start}, the upload has {size} bytes",
+        )
 
 
 def ensure_upload_offsets(start: Optional[int], end: Optional[int], length: int) -> None:

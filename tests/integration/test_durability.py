@@ -1,15 +1,18 @@
 """Durability of dockyard's registry on disk: a server killed (SIGKILL) at random instants of
 pushes leaves no partial blob and no empty or dangling link visible; a resumable upload
-survives a restart; concurrent pushes of the same blob are safe."""
+survives a restart; concurrent pushes of the same blob are safe; the temp files of a killed
+writer are swept once stale, never while a write may still rename them."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from tests.integration.conftest import (
@@ -26,6 +29,10 @@ from tests.integration.conftest import (
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 # Kill rounds; each pushes for a random 0–400 ms, then SIGKILLs the server.
 KILL_ROUNDS = 12
+# Seconds a started registry may take to sweep stale temp files (it does so in the background).
+SWEEP_TIMEOUT = 15.0
+# The /debug/health entry that reports stale temp files the sweep left.
+TEMP_HEALTH_CHECK = "storagedriver_filesystem_tempfiles"
 
 
 def assert_storage_consistent(root: Path) -> dict[str, int]:
@@ -167,3 +174,79 @@ def test_a_blob_that_exists_is_not_written_again(dockyard_server: RegistryServer
     before = blob.stat().st_ino, blob.stat().st_mtime_ns
     push_blob(dockyard_server, "once/b", data)
     assert (blob.stat().st_ino, blob.stat().st_mtime_ns) == before
+
+
+def _plant_temp_files(v2: Path, repo: str, tag: str, raw: bytes, age: float) -> list[Path]:
+    """A temp file, written `age` seconds ago, beside each kind of file the driver stages: a
+    manifest's blob data, its revision link, a layer link and the tag's current link."""
+    manifest = sha256(raw)[7:]
+    layer = json.loads(raw)["layers"][0]["digest"][7:]
+    repo_dir = v2 / "repositories" / repo
+    directories = [
+        v2 / "blobs" / "sha256" / manifest[:2] / manifest,
+        repo_dir / "_manifests" / "revisions" / "sha256" / manifest,
+        repo_dir / "_layers" / "sha256" / layer,
+        repo_dir / "_manifests" / "tags" / tag / "current",
+    ]
+    planted = []
+    when = time.time() - age
+    for directory in directories:
+        assert directory.is_dir(), directory
+        path = directory / f".tmp-{uuid.uuid4().hex[:8]}"
+        path.write_bytes(b"a write its killed writer never renamed")
+        os.utime(path, (when, when))
+        planted.append(path)
+    return planted
+
+
+def test_stale_temp_files_are_swept_at_start_and_reported(tmp_path: Path) -> None:
+    """Temp files a killed server left (hours old) are removed when a registry starts; younger
+    ones (a write in progress, perhaps by another registry on the root) are kept. A read-only
+    registry leaves them and /debug/health reports them, without failing (200)."""
+    base = tmp_path / "temps"
+    server = make_server("dockyard", base)
+    try:
+        raw = image_manifest(server, "temps/app", [b"layer of a crashed push"])
+        reply = server.request(
+            "PUT", "/v2/temps/app/manifests/v1", body=raw, headers={"Content-Type": OCI_MANIFEST}
+        )
+        assert reply.status == 201
+    finally:
+        server.stop()
+    v2 = base / "data" / "docker" / "registry" / "v2"
+    stale = _plant_temp_files(v2, "temps/app", "v1", raw, age=3 * 3600)
+    live = _plant_temp_files(v2, "temps/app", "v1", raw, age=0)
+    recent = _plant_temp_files(v2, "temps/app", "v1", raw, age=1800)  # within the safe age
+    server.start()
+    try:
+        deadline = time.monotonic() + SWEEP_TIMEOUT
+        while any(path.exists() for path in stale) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [path for path in stale if path.exists()] == []
+        assert all(path.exists() for path in live + recent)
+        health = server.request("GET", "/debug/health")
+        assert health.status == 200 and health.json() == {}
+        assert server.request("GET", "/v2/temps/app/manifests/v1").body == raw
+    finally:
+        server.stop()
+
+    stale = _plant_temp_files(v2, "temps/app", "v1", raw, age=3 * 3600)
+    readonly = make_server(
+        "dockyard",
+        tmp_path / "readonly",
+        extra={
+            "storage.filesystem.rootdirectory": str(base / "data"),
+            "storage.maintenance.readonly.enabled": True,
+        },
+    )
+    try:
+        deadline = time.monotonic() + SWEEP_TIMEOUT
+        health = readonly.request("GET", "/debug/health")
+        while TEMP_HEALTH_CHECK not in health.json() and time.monotonic() < deadline:
+            time.sleep(0.1)
+            health = readonly.request("GET", "/debug/health")
+        assert health.status == 200
+        assert health.json()[TEMP_HEALTH_CHECK].startswith(f"{len(stale)} stale temp files")
+        assert all(path.exists() for path in stale)
+    finally:
+        readonly.stop()

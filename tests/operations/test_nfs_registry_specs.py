@@ -301,3 +301,13 @@ def test_registry_container_is_recreated_only_on_change(
         run = commands[-1]
         assert "--restart always" in run and "--label dockyard.hash=abc" in run
         assert run.endswith("-p 5443:5000 registry:2")
+
+
+def test_htpasswd_takes_passwords_longer_than_72_bytes() -> None:
+    """bcrypt uses the first 72 bytes (bcrypt 5 raises on more): the deploy hashes those, as
+    the registry checks them, and a second run keeps the line."""
+    password = "p" * 72 + "-and-more"
+    first = htpasswd_content({"ci": password}, "")
+    hashed = first.split(":", 1)[1].strip().encode()
+    assert bcrypt.checkpw(b"p" * 72, hashed)
+    assert htpasswd_content({"ci": password}, first) == first
