@@ -11,28 +11,16 @@ import tarfile
 from collections.abc import Iterable
 from typing import IO
 
-from dockyard.layers.drivers import Change
+from dockyard.layers.drivers import Change, image_xattrs
 from dockyard.layers.tarsafe import OPAQUE, WHITEOUT_PREFIX
-
-# xattr namespaces that describe the container's own storage, not the image content.
-_SKIP_XATTRS = ("trusted.overlay.", "user.overlay.")
 
 
 def _xattrs(path: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return out
-    for name in names:
-        if name.startswith(_SKIP_XATTRS):
-            continue
-        try:
-            value = os.getxattr(path, name, follow_symlinks=False)
-        except OSError:
-            continue
-        out[f"SCHILY.xattr.{name}"] = value.decode("utf-8", "surrogateescape")
-    return out
+    """The pax headers of the xattrs `path` carries into the layer (the image's, not overlay's)."""
+    return {
+        f"SCHILY.xattr.{name}": value.decode("utf-8", "surrogateescape")
+        for name, value in image_xattrs(path).items()
+    }
 
 
 def write_layer(changes: Iterable[Change], root: str, out: IO[bytes]) -> int:
