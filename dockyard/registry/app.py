@@ -46,6 +46,7 @@ from dockyard.registry.errors import (
     error_for_status,
     status_for,
 )
+from dockyard.registry.listener import BODY_PROGRESS, BodyProgress
 from dockyard.registry.manifest import OCI_INDEX
 from dockyard.registry.store import MANIFEST_MAX, Registry, ensure_upload_offsets
 
@@ -58,6 +59,12 @@ STREAM_CHUNK = 1024 * 1024
 FORGET_INTERVAL = 600
 # Request bodies up to this size are hashed and written on the event loop (see _stream_into).
 INLINE_BODY_MAX = 2 * 1024 * 1024
+# Seconds a request body may go without a byte arriving: the request is then refused (400, the
+# route's spec code; a chunk is taken back) and its connection closed (nginx's
+# client_body_timeout is 60 s; aiohttp has no read timeout of its own).
+BODY_STALL_SECONDS = 30.0
+# Key of a request whose body the registry stopped reading: its answer closes the connection.
+BODY_REFUSED = "dockyard.body_refused"
 # Milliseconds a download may go without the client reading a byte before it is dropped.
 SEND_STALL_MS = 120_000
 # Bytes per read/write step of a download under TLS (_send_steps; plain HTTP uses sendfile(2)):
@@ -122,6 +129,11 @@ class _Connection(web.RequestHandler):
         response.force_close()
         return response
 
+    def refuse_body(self) -> None:
+        """The rest of the current request's body will not be read: once the answer is out the
+        connection closes, without aiohttp's lingering read of what is left (lingering_time)."""
+        self._lingering_time = 0.0
+
 
 class _Server(web.Server):
     """aiohttp's protocol factory, making `_Connection`s."""
@@ -132,9 +144,14 @@ class _Server(web.Server):
 
 class Runner(web.AppRunner):
     """web.AppRunner whose connections answer aiohttp's own errors as the registry's (see
-    _Connection). aiohttp has no setting for the connection class (handler_args are only its
-    keyword arguments, and request_factory and middlewares never see what the parser refused),
-    so the server the runner made is turned into a _Server: the same object, one more method."""
+    _Connection) and never decompress a request body (`Content-Encoding: gzip` included: a
+    registry stores and hashes the bytes it is sent, as distribution does). aiohttp has no
+    setting for the connection class (handler_args are only its keyword arguments, and
+    request_factory and middlewares never see what the parser refused), so the server the
+    runner made is turned into a _Server: the same object, one more method."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, auto_decompress=False, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -224,33 +241,94 @@ def _drop(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+class BodyStalled(Exception):
+    """No byte of a request body came for BODY_STALL_SECONDS."""
+
+    def __init__(self) -> None:
+        super().__init__(f"no body bytes for {BODY_STALL_SECONDS:.0f} s")
+
+
+async def _next_piece(request: web.Request) -> bytes:
+    """The next bytes of the request body (b"" at its end), waiting at most BODY_STALL_SECONDS
+    for them: BodyStalled then, and the answer will close the connection (aiohttp would
+    otherwise keep reading the rest for a while). ConnectionResetError when the connection is
+    gone (closed to free descriptors before the handler began: aiohttp's RuntimeError). What
+    comes is told to the request's BodyProgress, which the shedder reads."""
+    progress: Optional[BodyProgress] = request.get(BODY_PROGRESS)
+    if progress is not None:
+        progress.reading(asyncio.get_running_loop().time())
+    try:
+        async with asyncio.timeout(BODY_STALL_SECONDS):
+            chunk = await request.content.readany()
+    except TimeoutError as exc:
+        request[BODY_REFUSED] = True
+        protocol = request.protocol
+        if isinstance(protocol, _Connection):
+            protocol.refuse_body()
+        raise BodyStalled() from exc
+    except RuntimeError as exc:
+        if request.protocol.transport is not None:
+            raise  # not aiohttp's "Connection closed.": a bug, let it show
+        raise ConnectionResetError("the connection was closed") from exc
+    finally:
+        if progress is not None:
+            progress.waiting = False
+    if progress is not None:
+        progress.read(len(chunk))
+    return chunk
+
+
+def _body_failure(exc: Exception) -> str:
+    """What became of a body that was not read to its end, for the error's detail."""
+    return str(exc)[:200] or type(exc).__name__
+
+
 async def _read_body(request: web.Request, limit: int, invalid: type[RegistryError]) -> bytes:
     """The whole request body, however many reads it arrives in (a slow client, TLS records),
-    up to `limit` bytes: TooLarge beyond, `invalid` when the client breaks it off or its
-    chunked encoding is broken."""
+    up to `limit` bytes: TooLarge beyond, `invalid` when the client breaks it off, its chunked
+    encoding is broken, or no byte comes for BODY_STALL_SECONDS."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise TooLarge({"size": declared, "limit": limit})
     chunks: list[bytes] = []
     size = 0
     try:
-        while chunk := await request.content.readany():
+        while chunk := await _next_piece(request):
             size += len(chunk)
             if size > limit:
                 raise TooLarge({"limit": limit})
             chunks.append(chunk)
-    except (ConnectionResetError, web.RequestPayloadError) as exc:
-        raise invalid({"reason": str(exc)[:200]}, message="request body was cut short") from exc
+    except (ConnectionResetError, BodyStalled, web.RequestPayloadError) as exc:
+        log.info(
+            "%s %s: request body not read whole: %s",
+            request.remote,
+            request.path[:200],
+            _body_failure(exc),
+        )
+        raise invalid({"reason": _body_failure(exc)}, message="request body was cut short") from exc
     return b"".join(chunks)
 
 
 async def _body_piece(request: web.Request) -> bytes:
     """The next piece of an upload's body, b"" at its end; BlobUploadInvalid when the client
-    breaks it off or its chunked encoding is broken."""
+    breaks it off, its chunked encoding is broken, or no byte comes for BODY_STALL_SECONDS."""
     try:
-        return await request.content.readany()
-    except (ConnectionResetError, asyncio.IncompleteReadError, web.RequestPayloadError) as exc:
-        raise BlobUploadInvalid(message="upload body was cut short") from exc
+        return await _next_piece(request)
+    except (
+        ConnectionResetError,
+        BodyStalled,
+        asyncio.IncompleteReadError,
+        web.RequestPayloadError,
+    ) as exc:
+        log.info(
+            "%s %s: upload body not read whole: %s",
+            request.remote,
+            request.path[:200],
+            _body_failure(exc),
+        )
+        raise BlobUploadInvalid(
+            {"reason": _body_failure(exc)}, message="upload body was cut short"
+        ) from exc
 
 
 def _digest_param(value: Optional[str]) -> p.Digest:
@@ -406,6 +484,8 @@ class RegistryApp:
             if exc.status < 400:
                 raise  # the redirect of /v2
             response = _error_response(error_for_status(exc.status, exc.text))
+        if request.get(BODY_REFUSED):
+            response.force_close()  # the body's rest is never read: the connection ends here
         response.headers[API_VERSION[0]] = API_VERSION[1]
         for name, values in self.config.headers.items():
             response.headers[name] = ", ".join(values)

@@ -2,8 +2,11 @@
 checks stall the registry: bcrypt runs on a small pool of threads (at most VERIFY_PENDING_MAX
 checks running or waiting, more are answered 429), requests carrying the same credentials at the
 same time share one check, successful checks are remembered for a while (in a bounded table, by
-a hash of the credentials), and an address that keeps sending wrong credentials gets its 401s
-later and later (the event loop's timer waits, no thread) and only a few checks at once."""
+a hash of the credentials), and an address that keeps sending wrong credentials for a user gets
+its 401s for that user later and later (the event loop's timer waits, no thread) and only a few
+checks at once, while other users behind the same address (a NAT, a proxy) are not held back
+until the address as a whole fails far more. A user name that does not exist costs a bcrypt
+check all the same, so the time of a 401 does not tell which names do."""
 
 from __future__ import annotations
 
@@ -14,9 +17,10 @@ import ipaddress
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from dockyard.registry.errors import TooManyRequests, Unauthorized
 
@@ -28,7 +32,7 @@ VERIFY_PENDING_MAX = 32
 CACHE_ENTRIES = 1024
 # Seconds a successful check is remembered.
 CACHE_SECONDS = 300.0
-# Wrong credentials an address may send in a row before its 401s are delayed.
+# Wrong passwords for one user an address may send in a row before their 401s are delayed.
 FREE_FAILURES = 5
 # Seconds the first delayed 401 waits; each further failure in a row doubles it, up to the max.
 FAILURE_DELAY = 0.25
@@ -36,10 +40,20 @@ FAILURE_DELAY = 0.25
 FAILURE_DELAY_MAX = 8.0
 # Seconds after its last failure an address starts again from no failures.
 FAILURE_MEMORY = 900.0
-# Addresses remembered, at most (the least recently seen are forgotten first).
+# Failing (address, user) pairs and addresses remembered, at most (the least recently seen are
+# forgotten first).
 CLIENTS_MAX = 4096
-# Checks (each with its wait) an address past FREE_FAILURES may have at once; more get 429.
+# Checks (each with its wait) for one user an address past FREE_FAILURES for that user may have
+# at once; more get 429.
 FAILING_CLIENT_CHECKS = 2
+# Failures in a row an address may have over all user names before every 401 it gets is delayed
+# too (the same schedule from there); a much higher bound than one user's, so that a host that
+# keeps failing does not lock out the other users behind the same address.
+ADDRESS_FREE_FAILURES = 100
+# Checks an address past ADDRESS_FREE_FAILURES may have at once over all users; more get 429.
+FAILING_ADDRESS_CHECKS = 16
+# bcrypt cost of the stand-in hash checked for unknown user names when no user has a hash.
+DUMMY_COST = 10
 # IPv6 clients are counted by network of this prefix length: one host commonly holds a /64.
 IPV6_CLIENT_PREFIX = 64
 # Bytes of a password bcrypt uses; bcrypt>=5 raises for longer ones where 4 (and distribution,
@@ -49,7 +63,8 @@ BCRYPT_PASSWORD_MAX = 72
 
 @dataclass
 class _Client:
-    """One address: its failures in a row, when the last one was, its checks under way."""
+    """One address, or one user name from an address: its failures in a row, when the last one
+    was, its checks under way."""
 
     failures: int = 0
     last_failure: float = 0.0
@@ -68,8 +83,11 @@ class BasicAuth:
         self._running: dict[bytes, asyncio.Future[bool]] = {}
         # credentials key → monotonic time the success is forgotten, least recently used first
         self._cache: OrderedDict[bytes, float] = OrderedDict()
-        # address (see _client_key) → _Client, least recently seen first
-        self._clients: OrderedDict[str, _Client] = OrderedDict()
+        # address (see _client_key), or (address, hash of the user name) → _Client, least
+        # recently seen first
+        self._clients: OrderedDict[Union[str, tuple[str, bytes]], _Client] = OrderedDict()
+        # checked instead of a hash for unknown user names: as slow as the users' own
+        self._dummy = _dummy_hash(users.values())
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
@@ -87,29 +105,41 @@ class BasicAuth:
         key = hashlib.sha256(user + b"\0" + password).digest()
         if self._cached(key, time.monotonic()):
             return
+        now = time.monotonic()
         address = _client_key(remote)
-        client = self._client(address, time.monotonic())
+        pair = (address, hashlib.sha256(user).digest())
+        site, client = self._client(address, now), self._client(pair, now)
         if client.failures >= FREE_FAILURES and client.checks >= FAILING_CLIENT_CHECKS:
             wait = math.ceil(_delay(client.failures + 1))
+            raise TooManyRequests(
+                {"retry_after": wait}, message="too many failed logins for this user"
+            )
+        if site.failures >= ADDRESS_FREE_FAILURES and site.checks >= FAILING_ADDRESS_CHECKS:
+            wait = math.ceil(_delay(site.failures + 1, ADDRESS_FREE_FAILURES))
             raise TooManyRequests(
                 {"retry_after": wait}, message="too many failed logins from this address"
             )
         client.checks += 1
+        site.checks += 1
         try:
             if await self._verify(key, user, password):
-                client.failures = 0
+                client.failures = 0  # this user from this address only
                 self._remember(key, time.monotonic())
                 return
-            client.failures += 1
-            client.last_failure = time.monotonic()
-            delay = _delay(client.failures)
+            now = time.monotonic()
+            for entry in (client, site):
+                entry.failures += 1
+                entry.last_failure = now
+            delay = max(_delay(client.failures), _delay(site.failures, ADDRESS_FREE_FAILURES))
             if delay:
                 await asyncio.sleep(delay)
             raise self._challenge()
         finally:
             client.checks -= 1
-            if not client.checks and not client.failures and self._clients.get(address) is client:
-                del self._clients[address]
+            site.checks -= 1
+            for name, entry in ((pair, client), (address, site)):
+                if not entry.checks and not entry.failures and self._clients.get(name) is entry:
+                    del self._clients[name]
 
     async def _verify(self, key: bytes, user: bytes, password: bytes) -> bool:
         running = self._running.get(key)
@@ -119,7 +149,7 @@ class BasicAuth:
             except UnicodeDecodeError:
                 stored = None
             if stored is None:
-                return False
+                stored = self._dummy  # the same work as for a user's hash: no timing tell
             if self._pending >= VERIFY_PENDING_MAX:
                 raise TooManyRequests({"retry_after": 1}, message="too many logins at once")
             self._pending += 1
@@ -150,16 +180,17 @@ class BasicAuth:
         while len(self._cache) > CACHE_ENTRIES:
             self._cache.popitem(last=False)
 
-    def _client(self, address: str, now: float) -> _Client:
-        """The entry of `address` (made if new), its failures forgotten after FAILURE_MEMORY;
-        the table keeps addresses with failures or checks under way, CLIENTS_MAX at most."""
-        client = self._clients.get(address)
+    def _client(self, name: Union[str, tuple[str, bytes]], now: float) -> _Client:
+        """The entry of an address or an (address, user) pair (made if new), its failures
+        forgotten after FAILURE_MEMORY; the table keeps entries with failures or checks under
+        way, CLIENTS_MAX at most."""
+        client = self._clients.get(name)
         if client is None:
-            client = self._clients[address] = _Client()
+            client = self._clients[name] = _Client()
             while len(self._clients) > CLIENTS_MAX:
                 self._clients.popitem(last=False)
         else:
-            self._clients.move_to_end(address)
+            self._clients.move_to_end(name)
             if client.failures and now - client.last_failure > FAILURE_MEMORY:
                 client.failures = 0
         return client
@@ -190,12 +221,22 @@ def _client_key(remote: Optional[str]) -> str:
     return str(address)
 
 
-def _delay(failures: int) -> float:
-    """Seconds to wait before answering the 401 of an address's `failures`-th failure in a row."""
-    if failures <= FREE_FAILURES:
+def _delay(failures: int, free: int = FREE_FAILURES) -> float:
+    """Seconds to wait before answering the 401 of the `failures`-th failure in a row of a user
+    from an address (of an address over all users: `free` is ADDRESS_FREE_FAILURES)."""
+    if failures <= free:
         return 0.0
-    doublings = min(failures - FREE_FAILURES - 1, 32)
+    doublings = min(failures - free - 1, 32)
     return float(min(FAILURE_DELAY * 2**doublings, FAILURE_DELAY_MAX))
+
+
+def _dummy_hash(hashes: Iterable[bytes]) -> bytes:
+    """A well-formed bcrypt hash no password matches in practice (zero salt and digest), at
+    the highest cost among `hashes` (DUMMY_COST without any): checking it takes as long as
+    checking the slowest user's."""
+    costs = [int(h[4:6]) for h in hashes if h[4:6].isdigit() and h[6:7] == b"$"]
+    cost = max(costs, default=DUMMY_COST)
+    return b"$2b$%02d$" % cost + b"." * 53
 
 
 def bcrypt_ok(password: bytes, stored: bytes) -> bool:

@@ -1,9 +1,10 @@
 """How the registry takes connections so that no crowd of clients can lock the others out: the
 open-file limit raised at start-up, an accept loop of its own that keeps descriptors in reserve
-(closing the oldest idle connections when the table fills up, refusing a client rather than
-stalling when nothing can be closed), TLS clients that offer only TLS 1.0/1.1 answered with a
-protocol_version alert (asyncio drops the alerts OpenSSL makes, CPython gh-98078), bounded TLS
-handshakes, and malformed requests logged as one warning line instead of a traceback."""
+(closing the oldest idle connections, then requests whose body crawls, when the table fills up;
+refusing a client rather than stalling when nothing can be closed), TLS clients that offer only
+TLS 1.0/1.1 answered with a protocol_version alert (asyncio drops the alerts OpenSSL makes,
+CPython gh-98078), bounded TLS handshakes, and malformed requests logged as one warning line
+instead of a traceback."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import resource
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from aiohttp import web
@@ -32,6 +34,14 @@ FD_HEADROOM_SHARE = 8
 FD_HEADROOM_MIN = 32
 # Connections closed at once when the headroom is reached (the oldest idle ones first).
 SHED_BATCH = 16
+# A request whose handler waits for body bytes may be closed (after every idle connection) when
+# descriptors run short, once its body has come for SLOW_BODY_GRACE seconds at less than
+# SLOW_BODY_RATE bytes a second on average: a client trickling a byte every few seconds holds a
+# descriptor as surely as an idle one (each body read has its own, longer, stall timeout).
+SLOW_BODY_GRACE = 5.0
+SLOW_BODY_RATE = 1024
+# Key of a request's BodyProgress (set by Connections.middleware, advanced by the body readers).
+BODY_PROGRESS = "dockyard.body_progress"
 # Seconds a TLS client may spend before its handshake is done without being closed first when
 # descriptors run short (a client that has said nothing for this long is the likeliest idler).
 SHED_HANDSHAKE_AGE = 1.0
@@ -42,6 +52,8 @@ ACCEPT_BATCH = 64
 ACCEPT_RETRY_SECONDS = 0.1
 # Seconds a TLS client has to send its ClientHello, and then to finish the handshake.
 TLS_HANDSHAKE_SECONDS = 20.0
+# Seconds between peeks at a ClientHello that came in part, doubling up to the max.
+HELLO_PEEK_PAUSE, HELLO_PEEK_PAUSE_MAX = 0.01, 0.5
 # accept(2) errors that mean "out of descriptors or memory", not a broken listening socket.
 _EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # Bytes of a TLS record that name the ClientHello's version: record header (type, version,
@@ -94,12 +106,14 @@ class MalformedRequestLog(logging.Filter):
 
 
 class Connections:
-    """The server's connections as the accept loop needs to see them: which are inside a
-    request (its middleware marks them), so that the oldest others can be closed to free
-    descriptors."""
+    """The server's connections as the accept loop needs to see them: which are between
+    requests (aiohttp waits for the next request head and every byte of the last response has
+    left), and how the body of each request in a handler is arriving (its middleware and the
+    body readers keep that), so that the oldest idle ones, then requests whose body crawls,
+    can be closed to free descriptors."""
 
     def __init__(self) -> None:
-        self.busy: set[Any] = set()
+        self.busy: dict[Any, BodyProgress] = {}
         self.server: Optional[web.Server] = None
 
     @web.middleware
@@ -107,26 +121,51 @@ class Connections:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]
     ) -> web.StreamResponse:
         protocol = request.protocol
-        self.busy.add(protocol)
+        progress = self.busy[protocol] = BodyProgress()
+        request[BODY_PROGRESS] = progress
         try:
             response: web.StreamResponse = await handler(request)
             return response
         finally:
-            self.busy.discard(protocol)
+            progress.waiting = False
+            if self.busy.get(protocol) is progress:
+                del self.busy[protocol]
 
-    def close_idle(self, count: int) -> int:
-        """Abort up to `count` connections that are between requests, the oldest first (an
-        abort frees the descriptor at once; close() would first wait for a TLS goodbye)."""
+    @staticmethod
+    def _idle(connection: RequestHandler) -> bool:
+        """aiohttp waits for the next request head (none is queued, no handler runs, no answer
+        is being written) and the last response has left the connection's buffer."""
+        transport = connection.transport
+        return (
+            connection._waiter is not None
+            and not connection._messages
+            and transport is not None
+            and transport.get_write_buffer_size() == 0
+        )
+
+    def close_idle(self, count: int, now: float) -> int:
+        """Abort up to `count` connections: those between requests, the oldest first, then
+        requests whose body crawls (BodyProgress.crawling), the oldest first (an abort frees
+        the descriptor at once; close() would first wait for a TLS goodbye). A body cut off so
+        is refused by its handler and leaves an upload as it was."""
+        connections = [
+            c
+            for c in (self.server.connections if self.server is not None else [])
+            if isinstance(c, RequestHandler)
+            and c.transport is not None
+            and not c.transport.is_closing()
+        ]
+        idle = [c for c in connections if self._idle(c)]
+        crawling = [
+            c
+            for c in connections
+            if c in self.busy and self.busy[c].crawling(now) and not self._idle(c)
+        ]
         closed = 0
-        for connection in self.server.connections if self.server is not None else []:
-            if closed >= count:
-                break
-            if connection in self.busy or not isinstance(connection, RequestHandler):
-                continue
-            transport = connection.transport
-            if transport is not None and not transport.is_closing():
-                transport.abort()
-                closed += 1
+        for connection in (idle + crawling)[:count]:
+            assert connection.transport is not None
+            connection.transport.abort()
+            closed += 1
         return closed
 
 
@@ -134,6 +173,39 @@ def _resolve(future: asyncio.Future[None]) -> None:
     """A reader or writer callback: the selector may fire again before the waiter runs."""
     if not future.done():
         future.set_result(None)
+
+
+@dataclass
+class BodyProgress:
+    """How one request's body is arriving, as the body readers see it, for the shedder."""
+
+    # loop time of the first body read (None: the handler has not read its body yet)
+    began: Optional[float] = None
+    # body bytes received so far
+    received: int = 0
+    # whether the handler is waiting for body bytes now
+    waiting: bool = False
+
+    def reading(self, now: float) -> None:
+        """The handler starts waiting for the next body bytes."""
+        if self.began is None:
+            self.began = now
+        self.waiting = True
+
+    def read(self, size: int) -> None:
+        self.waiting = False
+        self.received += size
+
+    def crawling(self, now: float) -> bool:
+        """Waiting for body bytes that have averaged under SLOW_BODY_RATE for SLOW_BODY_GRACE."""
+        if not self.waiting or self.began is None or now - self.began < SLOW_BODY_GRACE:
+            return False
+        return self.received < SLOW_BODY_RATE * (now - self.began)
+
+
+def _may_be_hello(head: bytes) -> bool:
+    """Whether the first bytes of a connection may still grow into a TLS ClientHello."""
+    return head[0] == _TLS_HANDSHAKE and (len(head) < 6 or head[5] == _CLIENT_HELLO)
 
 
 def _hello_version(head: bytes) -> Optional[int]:
@@ -242,7 +314,8 @@ class Acceptor(asyncio.AbstractServer):
 
     def _shed(self, count: int) -> int:
         """Close up to `count` connections: TLS handshakes under way for SHED_HANDSHAKE_AGE
-        or more first, then the oldest idle HTTP connections. Returns how many were closed."""
+        or more first, then the oldest idle HTTP connections, then requests whose body crawls
+        (Connections.close_idle). Returns how many were closed."""
         closed = 0
         old = self._loop.time() - SHED_HANDSHAKE_AGE
         for task, (_conn, accepted) in list(self._starting.items()):
@@ -250,7 +323,7 @@ class Acceptor(asyncio.AbstractServer):
                 break
             task.cancel()
             closed += 1
-        closed += self._connections.close_idle(count - closed)
+        closed += self._connections.close_idle(count - closed, self._loop.time())
         if closed:
             log.warning("descriptor table nearly full: closed %d idle connections", closed)
         return closed
@@ -315,16 +388,24 @@ class Acceptor(asyncio.AbstractServer):
     async def _screen(self, conn: socket.socket) -> bool:
         """Peek at a TLS client's ClientHello: False (after a protocol_version alert) when it
         offers nothing newer than TLS 1.1. OpenSSL makes that alert too, but asyncio closes
-        the connection without sending it. Anything not understood here goes on to OpenSSL."""
-        ready = self._loop.create_future()
-        self._loop.add_reader(conn.fileno(), _resolve, ready)
-        try:
-            await asyncio.wait_for(ready, TLS_HANDSHAKE_SECONDS)
-        finally:
-            self._loop.remove_reader(conn.fileno())
-        head = conn.recv(_HELLO_HEAD, socket.MSG_PEEK)
-        if not head:
-            return False  # the client left
+        the connection without sending it. Anything not understood here goes on to OpenSSL.
+        A hello may come in pieces (a few bytes, then the rest): peeking goes on until its
+        version is there, the bytes are not a ClientHello, or TLS_HANDSHAKE_SECONDS pass."""
+        deadline = self._loop.time() + TLS_HANDSHAKE_SECONDS
+        await self._readable(conn, TLS_HANDSHAKE_SECONDS)
+        pause = HELLO_PEEK_PAUSE
+        while True:
+            head = conn.recv(_HELLO_HEAD, socket.MSG_PEEK)
+            if not head:
+                return False  # the client left
+            if len(head) >= _HELLO_HEAD or not _may_be_hello(head):
+                break
+            # Part of a hello: peeked bytes keep the socket readable, so wait by the clock.
+            left = deadline - self._loop.time()
+            if left <= 0:
+                raise asyncio.TimeoutError()
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, HELLO_PEEK_PAUSE_MAX)
         version = _hello_version(head)
         if version is None or version >= _TLS1_2:
             return True
@@ -335,6 +416,15 @@ class Acceptor(asyncio.AbstractServer):
             pass
         log.info("refused a TLS client offering version 0x%04x at most", version)
         return False
+
+    async def _readable(self, conn: socket.socket, seconds: float) -> None:
+        """Wait until `conn` has bytes to read (or is closed); TimeoutError after `seconds`."""
+        ready = self._loop.create_future()
+        self._loop.add_reader(conn.fileno(), _resolve, ready)
+        try:
+            await asyncio.wait_for(ready, seconds)
+        finally:
+            self._loop.remove_reader(conn.fileno())
 
 
 class Site(web.BaseSite):

@@ -8,6 +8,7 @@ TLS 1.2. Every wait is bounded; what is asserted is that requests complete, neve
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import select
 import socket
@@ -39,6 +40,8 @@ LIVENESS_TIMEOUT = 20.0
 # connection is given to be closed by.
 REQUEST_HEAD_SECONDS = 20.0
 CLOSE_SLACK = 20.0
+# The registry's SLOW_BODY_GRACE (dockyard.registry.listener): seconds a crawling body is spared.
+SLOW_BODY_GRACE = 5.0
 MIB = 1024 * 1024
 
 
@@ -317,3 +320,148 @@ def test_tls_1_2_offers_only_aead_suites(
         assert ranged.status == 206 and ranged.read() == blob[5:]
     finally:
         conn.close()
+
+
+def _slow_body_crowd(port: int, count: int) -> list[socket.socket]:
+    """Up to `count` manifest PUTs that announce 1000 body bytes and send one, each once its
+    handler reads the body (`100 Continue`); those the registry refuses (its table full) are
+    left out."""
+    head = (
+        b"PUT /v2/avail/crawl/manifests/t HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    crowd = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            sock.sendall(head)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                piece = sock.recv(64)
+                if not piece:
+                    raise ConnectionResetError("refused")
+                answer += piece
+            assert answer.startswith(b"HTTP/1.1 100"), answer
+            sock.sendall(b"{")
+        except OSError:
+            sock.close()
+            continue
+        crowd.append(sock)
+    return crowd
+
+
+def test_requests_whose_body_crawls_do_not_lock_clients_out(
+    tmp_path: Path, crowd: list[socket.socket]
+) -> None:
+    """Soft = hard = 256: 300 requests whose body comes a byte a second (progress, but far too
+    slow) would hold every descriptor; once they have crawled for SLOW_BODY_GRACE, the oldest
+    are closed for new clients (refused by their handlers without a traceback) and a client is
+    served. Before, only connections between requests could be closed: the client was reset."""
+    server = limited_server(tmp_path / "crawl", (256, 256))
+    try:
+        assert server.log_path is not None
+        blob = os.urandom(4096)
+        digest = push_blob(server, "avail/crawl", blob)
+        crowd += _slow_body_crowd(server.port, 300)
+        assert len(crowd) >= 200, len(crowd)  # the table is full of them
+        for _ in range(int(SLOW_BODY_GRACE) + 2):
+            time.sleep(1.0)
+            for sock in crowd:
+                try:
+                    sock.send(b" ")  # one more body byte each: never idle, never finished
+                except OSError:
+                    pass
+        assert get(server.port, "/v2/")[0] == 200
+        assert get(server.port, f"/v2/avail/crawl/blobs/{digest}") == (200, blob)
+        log = server.log_path.read_text()
+        assert "descriptor table nearly full: closed" in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        server.stop()
+
+
+def test_responses_being_written_are_not_cut_to_free_descriptors(
+    tmp_path: Path, crowd: list[socket.socket]
+) -> None:
+    """Soft = hard = 256: 8 clients read a 3.5 MB manifest slowly (its handler has returned,
+    aiohttp still writes the body) while 300 idle connections fill the table. Only the idle
+    ones are closed: every slow reader gets the whole manifest. Before, a connection counted as
+    idle once its handler returned, and the slow readers, the oldest, were closed first."""
+    server = limited_server(tmp_path / "inflight", (256, 256))
+    try:
+        layer = b"inflight layer"
+        config = b"{}"
+        media = "application/vnd.oci.image.manifest.v1+json"
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": media,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": push_blob(server, "avail/inflight", config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": push_blob(server, "avail/inflight", layer),
+                    "size": len(layer),
+                }
+            ],
+            "annotations": {"org.example.padding": "a" * 3_500_000},
+        }
+        raw = json.dumps(doc).encode()
+        put = server.request(
+            "PUT", "/v2/avail/inflight/manifests/big", body=raw, headers={"Content-Type": media}
+        )
+        assert put.status == 201, (put.status, put.body[:300])
+        readers = []
+        for _ in range(8):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(LIVENESS_TIMEOUT)
+            sock.connect(("127.0.0.1", server.port))
+            crowd.append(sock)
+            sock.sendall(
+                f"GET /v2/avail/inflight/manifests/big HTTP/1.1\r\nHost: x\r\nAccept: {media}"
+                "\r\nConnection: close\r\n\r\n".encode()
+            )
+            readers.append(sock)
+        time.sleep(1.0)  # the handlers have returned; the bodies wait in the write buffers
+        crowd += idle_crowd(server.port, 300)
+        assert get(server.port, "/v2/")[0] == 200
+        for sock in readers:
+            got = b""
+            while piece := sock.recv(1 << 20):
+                got += piece
+            head, _, body = got.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head[:200]
+            assert body == raw, f"a slow reader got {len(body)} of {len(raw)} bytes"
+    finally:
+        server.stop()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+def test_tls_1_1_hello_sent_in_pieces_gets_a_protocol_version_alert(
+    tls_server: RegistryServer,
+) -> None:
+    """A TLS 1.1-only ClientHello whose first 3 bytes come apart from the rest still gets the
+    alert (70): the screen peeks until the hello's version is there, not once."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_ciphers("ALL:@SECLEVEL=0")
+    context.minimum_version = ssl.TLSVersion.TLSv1
+    context.maximum_version = ssl.TLSVersion.TLSv1_1
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    assert hello[9:11] in (b"\x03\x01", b"\x03\x02"), hello[:11].hex()
+    with socket.create_connection(("127.0.0.1", tls_server.port), timeout=LIVENESS_TIMEOUT) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(hello[:3])
+        time.sleep(0.3)
+        s.sendall(hello[3:])
+        answer = s.recv(100)
+    assert answer[:1] == b"\x15" and answer[-2:] == b"\x02\x46", answer.hex()

@@ -8,6 +8,7 @@ dockyard and distribution 2.8 alike, with the suite's `check` for distribution's
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import json
@@ -372,3 +373,106 @@ def test_descriptor_sizes_within_int64(registry: RegistryServer) -> None:
         if size < 0:
             check(registry, ok, "a negative size is accepted", reply.status)
         assert ok, (size, reply.status, reply.body[:200])
+
+
+# ---- failures counted per (address, user); unknown names cost a bcrypt check too -------------
+def _two_user_server(tmp_path: Path) -> Any:
+    """A registry with alice (password "right") and carol ("carol-right"), cost 4, one process."""
+    server = _auth_server(tmp_path, "right", cost=4)
+    subprocess.run(
+        ["htpasswd", "-Bb", "-C", "4", str(tmp_path / "htpasswd"), "carol", "carol-right"],
+        check=True,
+        capture_output=True,
+    )
+    server.stop()  # the file is read at start: start again with carol in it
+    server.start()
+    return server
+
+
+def _fail_alice(server: RegistryServer, count: int) -> None:
+    for number in range(count):
+        reply = server.request("GET", "/v2/", headers=_basic("alice", f"wrong-{number}"))
+        assert reply.status == 401, (reply.status, reply.body[:300])
+
+
+def test_a_failing_user_does_not_lock_out_others_behind_its_address(tmp_path: Path) -> None:
+    """Behind one address (a NAT), alice's host keeps failing, two checks at once and past the
+    back-off; carol, whose right password is not remembered yet, gets in (200, not 429): the
+    back-off and its cap on checks at once count per address and user name. Before, carol got
+    429 "too many failed logins from this address"."""
+    server = _two_user_server(tmp_path)
+    try:
+        _fail_alice(server, 8)
+        replies: list[Reply] = []
+
+        def wrong(number: int) -> None:
+            replies.append(server.request("GET", "/v2/", headers=_basic("alice", f"w{number}")))
+
+        threads = [threading.Thread(target=wrong, args=(n,)) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)  # both are waiting out their delays (2 s and more)
+        carol = server.request("GET", "/v2/", headers=_basic("carol", "carol-right"))
+        assert carol.status == 200, (carol.status, carol.body[:300])
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [r.status for r in replies] == [401, 401], [r.status for r in replies]
+    finally:
+        server.stop()
+
+
+def test_a_login_resets_only_its_own_users_failures(tmp_path: Path) -> None:
+    """An attacker holding carol's account interleaves carol's logins with guesses at alice's
+    password: alice's 401s stay delayed. Before, any success from the address started the
+    address afresh and the guesses were never slowed down."""
+    server = _two_user_server(tmp_path)
+    try:
+        _fail_alice(server, 8)
+        assert server.request("GET", "/v2/", headers=_basic("carol", "carol-right")).status == 200
+        begun = time.monotonic()
+        assert server.request("GET", "/v2/", headers=_basic("alice", "guess")).status == 401
+        assert time.monotonic() - begun >= 0.5, "carol's login reset alice's back-off"
+        # alice's own right password does start her afresh
+        assert server.request("GET", "/v2/", headers=_basic("alice", "right")).status == 200
+        begun = time.monotonic()
+        assert server.request("GET", "/v2/", headers=_basic("alice", "wrong")).status == 401
+        assert time.monotonic() - begun < 0.5
+    finally:
+        server.stop()
+
+
+def test_unknown_users_cost_a_bcrypt_check_like_known_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user name that does not exist is checked against a stand-in hash of the users' cost,
+    on the same bounded pool, so a 401's timing does not tell which names exist (checked by
+    the path taken, not by timing). Before, unknown names were answered without bcrypt."""
+    from dockyard.registry import auth as auth_module
+    from dockyard.registry.errors import Unauthorized
+
+    _htpasswd(tmp_path / "htpasswd", "alice", "right", cost=5)
+    users = auth_module.load_htpasswd(str(tmp_path / "htpasswd"))
+    checked: list[tuple[bytes, bytes]] = []
+    real = auth_module.bcrypt_ok
+
+    def recording(password: bytes, stored: bytes) -> bool:
+        checked.append((password, stored))
+        return real(password, stored)
+
+    monkeypatch.setattr(auth_module, "bcrypt_ok", recording)
+    auth = auth_module.BasicAuth("hardening", users)
+
+    async def attempt(user: str, password: str) -> None:
+        header = _basic(user, password)["Authorization"]
+        with pytest.raises(Unauthorized):
+            await auth.check(header, "192.0.2.7")
+
+    try:
+        asyncio.run(attempt("mallory", "guess"))
+        asyncio.run(attempt("alice", "guess"))
+    finally:
+        auth.close()
+    assert [password for password, _ in checked] == [b"guess", b"guess"], checked
+    unknown, known = checked[0][1], checked[1][1]
+    assert known == users["alice"]
+    assert unknown != known and unknown[:7] == known[:7].replace(b"$2y$", b"$2b$"), unknown

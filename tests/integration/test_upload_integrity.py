@@ -9,8 +9,10 @@ never with sleeps."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -32,6 +34,8 @@ from tests.integration.conftest import (
 
 # Seconds a state the test waits for (bytes written, a chunk taken back) may take to appear.
 WAIT_SECONDS = 20.0
+# The registry's BODY_STALL_SECONDS (dockyard.registry.app): how long a body may send nothing.
+BODY_STALL_SECONDS = 30.0
 
 
 @contextmanager
@@ -303,3 +307,108 @@ def test_body_cut_short_leaves_the_upload_as_it_was(tmp_path: Path, size: int) -
         put = server.request("PUT", with_digest(location, digest))
         assert put.status == 201, (put.status, put.body[:300])
         _assert_blob_sound(server, repo, digest)
+
+
+# ---- request bodies that stop: refused after the stall timeout, the upload as it was --------
+def test_bodies_that_stop_are_refused_and_their_connections_closed(tmp_path: Path) -> None:
+    """A chunk whose body stops halfway and a manifest whose body never comes are refused once
+    no byte came for BODY_STALL_SECONDS (400 with the spec's code, the connection closed), and
+    the chunk's bytes are taken back. Before, both waited for as long as the client kept the
+    connection."""
+    repo = "integrity/stall"
+    prefix = b"kept\n" * 200
+    body = hashlib.sha256(b"stall").digest() * 1024
+    with _server(tmp_path) as server:
+        location = _started(server, repo, prefix)
+        with _connect(server) as chunk, _connect(server) as manifest:
+            chunk.settimeout(BODY_STALL_SECONDS + WAIT_SECONDS)
+            manifest.settimeout(BODY_STALL_SECONDS + WAIT_SECONDS)
+            chunk.sendall(_chunk_head(location, len(prefix), len(body)) + body[: len(body) // 2])
+            manifest.sendall(
+                _head(
+                    "PUT",
+                    f"/v2/{repo}/manifests/t",
+                    {
+                        "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+                        "Content-Length": "1000",
+                    },
+                )
+                + b"{"
+            )
+            _wait_until(lambda: _size(server, location) > len(prefix), "part of the chunk written")
+            begun = time.monotonic()
+            replies = {"chunk": _answer(chunk), "manifest": _answer(manifest)}
+            assert time.monotonic() - begun < BODY_STALL_SECONDS + WAIT_SECONDS
+            for sock in (chunk, manifest):
+                assert sock.recv(1) == b"", "the connection was left open"
+        codes = {name: (r.status, r.error_codes()) for name, r in replies.items()}
+        assert codes == {
+            "chunk": (400, ["BLOB_UPLOAD_INVALID"]),
+            "manifest": (400, ["MANIFEST_INVALID"]),
+        }, codes
+        assert all(r.headers.get("connection") == "close" for r in replies.values())
+        assert _size(server, location) == len(prefix), "the stalled chunk's bytes stayed"
+        accepted = server.request(
+            "PATCH",
+            location,
+            body=body,
+            headers={"Content-Range": f"{len(prefix)}-{len(prefix) + len(body) - 1}"},
+        )
+        assert accepted.status == 202, (accepted.status, accepted.body[:300])
+        digest = sha256(prefix + body)
+        put = server.request("PUT", with_digest(location, digest))
+        assert put.status == 201, (put.status, put.body[:300])
+        _assert_blob_sound(server, repo, digest)
+
+
+# ---- Content-Encoding: bodies are stored as sent, never inflated --------------------------
+def test_compressed_bodies_are_stored_as_sent(tmp_path: Path) -> None:
+    """A chunk sent with `Content-Encoding: gzip` is stored as its gzip bytes (4 MiB of zeros
+    compress to a few KiB: before, the registry inflated them into the upload), and a gzipped
+    manifest is not taken for the JSON inside it (a manifest is the bytes sent)."""
+    repo = "integrity/gzip"
+    inflated = bytes(4 * 1024 * 1024)
+    packed = gzip.compress(inflated)
+    with _server(tmp_path) as server:
+        start = server.request("POST", f"/v2/{repo}/blobs/uploads/")
+        assert start.status == 202, (start.status, start.body[:300])
+        reply = server.request(
+            "PATCH",
+            location_path(start.headers["location"]),
+            body=packed,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/octet-stream"},
+        )
+        assert reply.status == 202, (reply.status, reply.body[:300])
+        assert reply.headers["range"] == f"0-{len(packed) - 1}", reply.headers["range"]
+        location = location_path(reply.headers["location"])
+        put = server.request("PUT", with_digest(location, sha256(packed)))
+        assert put.status == 201, (put.status, put.body[:300])
+        _assert_blob_sound(server, repo, sha256(packed))
+        assert _blob_file(server, sha256(packed)).stat().st_size == len(packed)
+
+        config = b"{}"
+        config_digest = sha256(config)
+        start = server.request("POST", f"/v2/{repo}/blobs/uploads/?digest={config_digest}", config)
+        assert start.status == 201, (start.status, start.body[:300])
+        media = "application/vnd.oci.image.manifest.v1+json"
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": media,
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config_digest,
+                    "size": len(config),
+                },
+                "layers": [],
+            }
+        ).encode()
+        zipped = server.request(
+            "PUT",
+            f"/v2/{repo}/manifests/zipped",
+            body=gzip.compress(manifest),
+            headers={"Content-Type": media, "Content-Encoding": "gzip"},
+        )
+        assert (zipped.status, zipped.error_codes()) == (400, ["MANIFEST_INVALID"]), zipped.body
+        assert server.request("GET", f"/v2/{repo}/manifests/zipped").status == 404
+        assert server.request("GET", f"/v2/{repo}/manifests/{sha256(manifest)}").status == 404
