@@ -118,6 +118,17 @@ def _layer_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         choices=["overlay", "vfs"],
         help="graph driver (default: overlay where the kernel has it and we are root, else vfs)",
     )
+    from dockyard.layers.store import REMOVAL_WAIT
+
+    removal = argparse.ArgumentParser(add_help=False)
+    removal.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long to wait for running pulls, imports, creates and commits on the store "
+        f"(default: {REMOVAL_WAIT:g})",
+    )
     net = argparse.ArgumentParser(add_help=False)
     net.add_argument("--insecure", action="store_true", help="allow plain HTTP off loopback")
     net.add_argument("--ca-file", help="CA certificate (default: certs.d/<host:port>/ca.crt)")
@@ -135,7 +146,9 @@ def _layer_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     isub.add_parser("ls", parents=[common], help="list images")
     p = isub.add_parser("history", parents=[common], help="an image's layers, newest first")
     p.add_argument("ref")
-    p = isub.add_parser("rm", parents=[common], help="untag/remove an image, free unused layers")
+    p = isub.add_parser(
+        "rm", parents=[common, removal], help="untag/remove an image, free unused layers"
+    )
     p.add_argument("ref")
     p = isub.add_parser("export", parents=[common], help="write an image archive")
     p.add_argument("ref")
@@ -155,7 +168,8 @@ def _layer_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ("umount", "unmount the rootfs"),
         ("rm", "remove the container"),
     ):
-        p = csub.add_parser(verb, parents=[common], help=text)
+        parents = [common, removal] if verb == "rm" else [common]
+        p = csub.add_parser(verb, parents=parents, help=text)
         p.add_argument("name")
     p = csub.add_parser("commit", parents=[common], help="the container's changes as a new image")
     p.add_argument("name")
@@ -167,13 +181,37 @@ def _layer_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     store = sub.add_parser("store", help="the store as a whole")
     ssub = store.add_subparsers(dest="store_command", required=True)
     ssub.add_parser("du", parents=[common], help="disk use, and what is shared")
-    ssub.add_parser("fsck", parents=[common], help="re-verify every digest")
+    ssub.add_parser(
+        "fsck", parents=[common], help="re-verify every digest; check other users are kept out"
+    )
+    ssub.add_parser(
+        "prune",
+        parents=[common, removal],
+        help="remove unused layers and blobs, and temp files killed operations left",
+    )
 
 
-def _store(args: argparse.Namespace) -> ImageStore:
+def _store(args: argparse.Namespace, create: bool = False) -> ImageStore:
+    """The store at --root; only the commands that add content (`create`) make a new one."""
     from dockyard.layers.store import ImageStore
 
-    return ImageStore(args.root, args.driver)
+    store = ImageStore(args.root, args.driver, create=create)
+    if getattr(args, "wait", None) is not None:
+        if args.wait < 0:
+            raise ValueError(f"--wait {args.wait:g} must not be negative")
+        store.lock_wait = args.wait
+
+    def waiting(what: str) -> None:
+        print(f"dockyard: waiting for {what} on the store at {store.root}", file=sys.stderr)
+
+    store.on_lock_wait = waiting
+    if store.tightened and not store.created:
+        print(
+            f"dockyard: made {len(store.tightened)} directories of the store at {store.root} "
+            "private to its owner (0700)",
+            file=sys.stderr,
+        )
+    return store
 
 
 def _client_factory(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -205,13 +243,16 @@ def _image(args: argparse.Namespace) -> int:
     from dockyard.client import registry as client
     from dockyard.layers import archive
 
-    store = _store(args)
     cmd = args.image_command
+    store = _store(args, create=cmd in ("pull", "import"))
     if cmd == "pull":
-        image_id = client.pull(store, args.ref, _client_factory(args), platform=args.platform)
+        # shared for the whole pull: a removal waits rather than free what it downloaded
+        with store.sharing():
+            image_id = client.pull(store, args.ref, _client_factory(args), platform=args.platform)
         print(f"Pulled {args.ref}\nImage {image_id}")
     elif cmd == "push":
-        digest = client.push(store, args.ref, _client_factory(args), source_ref=args.source)
+        with store.sharing():
+            digest = client.push(store, args.ref, _client_factory(args), source_ref=args.source)
         print(f"Pushed {args.ref}: digest: {digest}")
     elif cmd == "ls":
         print(f"{'REFERENCE':50} {'IMAGE ID':19} {'LAYERS':>6} {'SIZE':>9}")
@@ -232,10 +273,12 @@ def _image(args: argparse.Namespace) -> int:
         for item in removed:
             print(f"Deleted {item}")
     elif cmd == "export":
-        archive.export_image(store, args.ref, args.path, args.format)
+        with store.sharing():
+            archive.export_image(store, args.ref, args.path, args.format)
         print(f"Exported {args.ref} to {args.path} ({args.format})")
     elif cmd == "import":
-        image = archive.import_image(store, args.path, args.tag)
+        with store.sharing():
+            image = archive.import_image(store, args.path, args.tag)
         print(f"Imported {image.id}" + (f" as {args.tag}" if args.tag else ""))
     return 0
 
@@ -273,16 +316,37 @@ def _store_cmd(args: argparse.Namespace) -> int:
             print(f"{layer['chain_id'][7:19]:19} {layer['images']:>6} {_human(layer['bytes']):>9}")
         for c in usage["containers"]:
             print(f"container {c['name']}: {_human(c['bytes'])} written")
+        for temp in usage["temps"]:
+            print(f"temp {temp['path']}: {_human(temp['bytes'])}, {temp['state']}")
         print(
             f"layers: {_human(usage['total_layer_bytes'])}, shared by more than one image: "
             f"{_human(usage['shared_bytes'])}"
+            + (f"; temp: {_human(usage['temp_bytes'])}" if usage["temps"] else "")
         )
         return 0
-    damage = store.fsck()
-    for line in damage:
+    if args.store_command == "prune":
+        removed = store.prune()
+        for item in removed:
+            print(f"Deleted {item}")
+        print(f"prune: {len(removed)} item(s) removed")
+        return 0
+    report = store.fsck_report()
+    for line in report.damage:
         print(f"DAMAGED {line}")
-    print(f"fsck: {len(damage)} problem(s)" if damage else "fsck: every digest verified")
-    return 1 if damage else 0
+    for line in report.unsafe:
+        print(f"UNSAFE {line}")
+    for temp in report.temps:
+        print(f"TEMP {temp.path} ({_human(temp.bytes)}): {temp.state}")
+    from dockyard.client.registry import stale_partials
+
+    for line in stale_partials(store):  # complete or orphaned downloads no pull will resume
+        print(f"STALE {line}")
+    problems = len(report.damage) + len(report.unsafe)
+    if problems:
+        print(f"fsck: {problems} problem(s)")
+        return 1
+    print("fsck: every digest verified; the store is private to its owner")
+    return 0
 
 
 def _lab(args: argparse.Namespace) -> int:
