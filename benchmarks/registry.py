@@ -403,7 +403,8 @@ def main() -> int:
                     rates[kind] = (max(best[0], total / t_push), max(best[1], total / t_pull))
                 for path, _ in blobs:
                     path.unlink()
-            cells[(size_mib, concurrency)] = (*rates["dockyard"], *rates["distribution"])
+            dy, di = rates["dockyard"], rates["distribution"]
+            cells[(size_mib, concurrency)] = (dy[0], di[0], dy[1], di[1])
             push_ratio = rates["dockyard"][0] / rates["distribution"][0]
             pull_ratio = rates["dockyard"][1] / rates["distribution"][1]
             push_ratios.append(push_ratio)
