@@ -33,6 +33,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/vermin --no-tips -t=3.9- --violations dockyard
 
 unit: venv
 	$(BIN)/pytest -q tests/unit tests/operations

@@ -258,9 +258,10 @@ async def _next_piece(request: web.Request) -> bytes:
     if progress is not None:
         progress.reading(asyncio.get_running_loop().time())
     try:
-        async with asyncio.timeout(BODY_STALL_SECONDS):
-            chunk = await request.content.readany()
-    except TimeoutError as exc:
+        # wait_for, not asyncio.timeout: hosts run Python 3.9 (bullseye), where the latter and
+        # TimeoutError as asyncio's timeout do not exist
+        chunk = await asyncio.wait_for(request.content.readany(), BODY_STALL_SECONDS)
+    except asyncio.TimeoutError as exc:
         request[BODY_REFUSED] = True
         protocol = request.protocol
         if isinstance(protocol, _Connection):
