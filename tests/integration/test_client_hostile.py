@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -34,7 +33,7 @@ import pytest
 from aiohttp import web
 
 from dockyard import pki
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, sha256
 
 BIN = Path(sys.executable).parent
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -70,10 +69,6 @@ OVERSIZED = 5 * 1024 * 1024
 STREAMED = 64 * 1024 * 1024
 
 Hook = Callable[[web.Request, str], Awaitable[Optional[web.StreamResponse]]]
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass

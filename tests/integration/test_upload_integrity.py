@@ -128,6 +128,24 @@ def _assert_blob_sound(server: RegistryServer, repo: str, digest: str) -> None:
     assert sha256(stored) == digest, "the blob file on disk no longer hashes to its digest"
 
 
+def _finish_with(
+    server: RegistryServer, repo: str, location: str, prefix: bytes, body: bytes
+) -> None:
+    """The upload (holding `prefix`) still takes `body` as its next chunk and finishes with the
+    digest of both: what a refused chunk must leave possible."""
+    accepted = server.request(
+        "PATCH",
+        location,
+        body=body,
+        headers={"Content-Range": f"{len(prefix)}-{len(prefix) + len(body) - 1}"},
+    )
+    assert accepted.status == 202, (accepted.status, accepted.body[:300])
+    digest = sha256(prefix + body)
+    put = server.request("PUT", with_digest(location, digest))
+    assert put.status == 201, (put.status, put.body[:300])
+    _assert_blob_sound(server, repo, digest)
+
+
 def _late_body(
     server: RegistryServer, location: str, at: int, body: bytes, between: Callable[[], Reply]
 ) -> tuple[Reply, Reply]:
@@ -296,17 +314,7 @@ def test_body_cut_short_leaves_the_upload_as_it_was(tmp_path: Path, size: int) -
             sock.sendall(_chunk_head(location, len(prefix), len(body)) + sent)
             _wait_until(lambda: _size(server, location) > len(prefix), "part of the chunk written")
         _wait_until(lambda: _size(server, location) == len(prefix), "the cut chunk taken back")
-        accepted = server.request(
-            "PATCH",
-            location,
-            body=body,
-            headers={"Content-Range": f"{len(prefix)}-{len(prefix) + len(body) - 1}"},
-        )
-        assert accepted.status == 202, (accepted.status, accepted.body[:300])
-        digest = sha256(prefix + body)
-        put = server.request("PUT", with_digest(location, digest))
-        assert put.status == 201, (put.status, put.body[:300])
-        _assert_blob_sound(server, repo, digest)
+        _finish_with(server, repo, location, prefix, body)
 
 
 # ---- request bodies that stop: refused after the stall timeout, the upload as it was --------
@@ -348,17 +356,7 @@ def test_bodies_that_stop_are_refused_and_their_connections_closed(tmp_path: Pat
         }, codes
         assert all(r.headers.get("connection") == "close" for r in replies.values())
         assert _size(server, location) == len(prefix), "the stalled chunk's bytes stayed"
-        accepted = server.request(
-            "PATCH",
-            location,
-            body=body,
-            headers={"Content-Range": f"{len(prefix)}-{len(prefix) + len(body) - 1}"},
-        )
-        assert accepted.status == 202, (accepted.status, accepted.body[:300])
-        digest = sha256(prefix + body)
-        put = server.request("PUT", with_digest(location, digest))
-        assert put.status == 201, (put.status, put.body[:300])
-        _assert_blob_sound(server, repo, digest)
+        _finish_with(server, repo, location, prefix, body)
 
 
 # ---- Content-Encoding: bodies are stored as sent, never inflated --------------------------
