@@ -3,15 +3,15 @@ order, by host group; every tunable is host data documented in the README."""
 
 from pyinfra import host
 
-from deploys.docker_daemon import configure_docker_daemon
-from deploys.docker_engine import install_docker_engine
-from deploys.docker_storage import configure_docker_storage
-from deploys.dockyard_core import install_dockyard_core
-from deploys.nfs_client import configure_nfs_client
-from deploys.nfs_server import configure_nfs_server
-from deploys.registry import configure_registry
-from deploys.registry_pki import install_registry_certificate
-from deploys.registry_trust import configure_registry_trust
+from dockyard_deploys.docker_daemon import configure_docker_daemon
+from dockyard_deploys.docker_engine import install_docker_engine
+from dockyard_deploys.docker_storage import configure_docker_storage
+from dockyard_deploys.dockyard_core import install_dockyard_core
+from dockyard_deploys.nfs_client import configure_nfs_client
+from dockyard_deploys.nfs_server import configure_nfs_server
+from dockyard_deploys.registry import configure_registry
+from dockyard_deploys.registry_pki import install_registry_certificate
+from dockyard_deploys.registry_trust import configure_registry_trust
 
 # Tier 1 — graph-driver storage, and registry trust in the same daemon.json.
 if "docker_hosts" in host.groups:

@@ -1,4 +1,5 @@
-"""Shared test set-up: the repository root on sys.path so `deploys` imports as in pyinfra runs."""
+"""Shared test set-up: the repository root on sys.path so `dockyard_deploys` imports as in
+pyinfra runs."""
 
 from __future__ import annotations
 

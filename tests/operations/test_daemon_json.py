@@ -10,8 +10,8 @@ from typing import Any
 
 from pyinfra.api import FileUploadCommand, StringCommand
 
-from deploys.facts import DockerEngine, JsonFile
-from deploys.operations import apply_script, daemon_json, merge_config, render_json
+from dockyard_deploys.facts import DockerEngine, JsonFile
+from dockyard_deploys.operations import apply_script, daemon_json, merge_config, render_json
 from tests.operations.fakes import FakeHost, as_current
 
 RUNNING_OVERLAY2 = ["Docker version 20.10.24+dfsg1, build 297e128", "overlay2|/var/lib/docker|0|0"]

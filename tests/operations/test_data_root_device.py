@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from deploys.facts import BlockDevice
-from deploys.operations import data_root_device
+from dockyard_deploys.facts import BlockDevice
+from dockyard_deploys.operations import data_root_device
 from tests.operations.fakes import FakeHost, as_current
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from deploys.facts import BlockDevice, DockerEngine, JsonFile, KernelFilesystems, PathFilesystem
+from dockyard_deploys.facts import (
+    BlockDevice,
+    DockerEngine,
+    JsonFile,
+    KernelFilesystems,
+    PathFilesystem,
+)
 
 
 def test_kernel_filesystems_from_proc() -> None:

@@ -12,14 +12,14 @@ import jinja2
 import pytest
 from pyinfra.api import DeployError
 
-from deploys import registry_trust
-from deploys.common import Distro
-from deploys.facts import KernelNfs
-from deploys.nfs_client import plan_mounts
-from deploys.nfs_server import choose_impl, plan_exports
-from deploys.registry import htpasswd_content
+from dockyard_deploys import registry_trust
+from dockyard_deploys.common import Distro
+from dockyard_deploys.facts import KernelNfs
+from dockyard_deploys.nfs_client import plan_mounts
+from dockyard_deploys.nfs_server import choose_impl, plan_exports
+from dockyard_deploys.registry import htpasswd_content
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATES = Path(__file__).resolve().parents[2] / "dockyard_deploys" / "templates"
 FLEET = ["10.1.0.11", "10.1.0.12"]
 
 
@@ -215,7 +215,7 @@ def _ops(op: Any, facts: dict[type, Any], **kwargs: Any) -> tuple[list[str], lis
 def test_mount_now_mounts_when_the_kernel_can() -> None:
     from pyinfra.facts.server import Mounts
 
-    from deploys.nfs_client import mount_now
+    from dockyard_deploys.nfs_client import mount_now
 
     commands, _ = _ops(
         mount_now, {Mounts: {}, KernelNfs: ["server=no client=yes"]}, path="/mnt/registry"
@@ -236,7 +236,7 @@ def test_mount_now_says_only_fstab_without_a_kernel_client(
 ) -> None:
     from pyinfra.facts.server import Mounts
 
-    from deploys.nfs_client import mount_now
+    from dockyard_deploys.nfs_client import mount_now
 
     with caplog.at_level("WARNING"):
         commands, noops = _ops(
@@ -261,7 +261,7 @@ def test_registry_only_on_nfs_backed_storage(
 ) -> None:
     from pyinfra.facts.server import Mounts
 
-    from deploys.registry import require_nfs_backed
+    from dockyard_deploys.registry import require_nfs_backed
 
     commands, _ = _ops(
         require_nfs_backed, {Mounts: mounts}, path="/srv/reg/data", exported=exported
@@ -284,7 +284,7 @@ def test_registry_only_on_nfs_backed_storage(
 def test_registry_container_is_recreated_only_on_change(
     container: list[str], image_present: bool, expected: list[str]
 ) -> None:
-    from deploys.registry import DockerImagePresent, RegistryContainer, registry_container
+    from dockyard_deploys.registry import DockerImagePresent, RegistryContainer, registry_container
 
     commands, _ = _ops(
         registry_container,

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from pyinfra.api import DeployError
 
-from deploys import docker_engine
-from deploys.common import Distro
-from deploys.docker_storage import StoragePlan, StorageRefused, plan_storage
-from deploys.facts import BlockDevice, DockerEngine, KernelFilesystems, PathFilesystem
+from dockyard_deploys import docker_engine
+from dockyard_deploys.common import Distro
+from dockyard_deploys.docker_storage import StoragePlan, StorageRefused, plan_storage
+from dockyard_deploys.facts import BlockDevice, DockerEngine, KernelFilesystems, PathFilesystem
 
 SPECS = json.loads((Path(__file__).parent / "specs" / "storage_plans.json").read_text())
 

@@ -13,8 +13,8 @@ from pyinfra.api import DeployError, deploy, operation
 from pyinfra.facts.server import Mounts
 from pyinfra.operations import files, systemd
 
-from deploys.common import current_distro, install_packages, unsupported
-from deploys.facts import KernelNfs
+from dockyard_deploys.common import current_distro, install_packages, unsupported
+from dockyard_deploys.facts import KernelNfs
 
 DEFAULTS: dict[str, Any] = {
     # Mounts: src ("server:/export"), path (mount point), options (default below), fstype.
@@ -102,7 +102,7 @@ def configure_nfs_client() -> None:
 
     .. code:: python
 
-        from deploys.nfs_client import configure_nfs_client
+        from dockyard_deploys.nfs_client import configure_nfs_client
         configure_nfs_client()
     """
     mounts = plan_mounts(host.data)

@@ -11,7 +11,7 @@ from pyinfra import host
 from pyinfra.api import DeployError, deploy
 from pyinfra.operations import apt, dnf, files, systemd, yum
 
-from deploys.common import Distro, current_distro, install_packages, unsupported
+from dockyard_deploys.common import Distro, current_distro, install_packages, unsupported
 
 DEFAULTS: dict[str, Any] = {
     # Where the engine comes from: "distro" (docker.io; legacy docker on CentOS 7) or
@@ -166,7 +166,7 @@ def install_docker_engine() -> None:
 
     .. code:: python
 
-        from deploys.docker_engine import install_docker_engine
+        from dockyard_deploys.docker_engine import install_docker_engine
         install_docker_engine()
     """
     distro = current_distro()

@@ -20,16 +20,16 @@ from pyinfra.facts.server import Mounts
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import files, server, systemd
 
-from deploys import nfs_server, registry_pki
-from deploys.common import current_distro
-from deploys.dockyard_core import venv_bin
-from deploys.operations import fail_command
-from deploys.registry_trust import DEFAULTS as TRUST_DEFAULTS
-from deploys.registry_trust import pki_dir
 from dockyard import pki
 from dockyard.registry.auth import BCRYPT_PASSWORD_MAX
+from dockyard_deploys import nfs_server, registry_pki
+from dockyard_deploys.common import current_distro
+from dockyard_deploys.dockyard_core import venv_bin
+from dockyard_deploys.operations import fail_command
+from dockyard_deploys.registry_trust import DEFAULTS as TRUST_DEFAULTS
+from dockyard_deploys.registry_trust import pki_dir
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 # Seconds the deploy waits after a (re)start for the registry to answer /v2/ over TLS.
 REGISTRY_WAIT_SECONDS = 30
 
@@ -277,7 +277,7 @@ def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
 
     .. code:: python
 
-        from deploys.registry import configure_registry
+        from dockyard_deploys.registry import configure_registry
         configure_registry()
     """
     data_dir = str(host.data.get("registry_data_dir"))

@@ -14,9 +14,9 @@ from pyinfra import host
 from pyinfra.api import deploy, operation
 from pyinfra.operations import files, systemd
 
-from deploys import docker_engine
-from deploys.common import Distro, current_distro, install_packages, unsupported
-from deploys.facts import (
+from dockyard_deploys import docker_engine
+from dockyard_deploys.common import Distro, current_distro, install_packages, unsupported
+from dockyard_deploys.facts import (
     BlockDevice,
     BlockDeviceDict,
     DockerEngine,
@@ -25,7 +25,7 @@ from deploys.facts import (
     PathFilesystem,
     PathFilesystemDict,
 )
-from deploys.operations import data_root_device, fail_command
+from dockyard_deploys.operations import data_root_device, fail_command
 
 DEFAULTS: dict[str, Any] = {
     # Storage driver; None chooses from facts (btrfs on btrfs, zfs on zfs, else overlay2).
@@ -323,7 +323,7 @@ def configure_docker_storage() -> None:
 
     .. code:: python
 
-        from deploys.docker_storage import configure_docker_storage
+        from dockyard_deploys.docker_storage import configure_docker_storage
         configure_docker_storage()
     """
     storage_driver_check(name="Choose the Docker storage driver from facts")

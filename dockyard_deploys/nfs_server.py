@@ -15,10 +15,10 @@ from pyinfra import host, inventory, logger
 from pyinfra.api import DeployError, deploy
 from pyinfra.operations import files, server, systemd
 
-from deploys.common import Distro, current_distro, install_packages, unsupported
-from deploys.facts import KernelNfs
+from dockyard_deploys.common import Distro, current_distro, install_packages, unsupported
+from dockyard_deploys.facts import KernelNfs
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 DEFAULTS: dict[str, Any] = {
     # Exports: path (required), clients (None: every host of the inventory), options
@@ -181,7 +181,7 @@ def configure_nfs_server() -> None:
 
     .. code:: python
 
-        from deploys.nfs_server import configure_nfs_server
+        from dockyard_deploys.nfs_server import configure_nfs_server
         configure_nfs_server()
     """
     distro = current_distro()

@@ -12,9 +12,9 @@ from pyinfra.api import deploy
 from pyinfra.facts.server import Hostname
 from pyinfra.operations import files
 
-from deploys.common import current_distro
-from deploys.nfs_server import anonymous
 from dockyard import pki
+from dockyard_deploys.common import current_distro
+from dockyard_deploys.nfs_server import anonymous
 
 DEFAULTS: dict[str, Any] = {
     # Control-machine directory of the fleet CA and issued certificates (0700, CA key 0600).
@@ -65,7 +65,7 @@ def install_registry_certificate() -> list[Any]:
 
     .. code:: python
 
-        from deploys.registry_pki import install_registry_certificate
+        from dockyard_deploys.registry_pki import install_registry_certificate
         install_registry_certificate()
     """
     issued = issue()

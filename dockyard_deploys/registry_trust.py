@@ -11,8 +11,8 @@ from pyinfra import host, inventory, logger
 from pyinfra.api import DeployError, deploy
 from pyinfra.operations import files, server, systemd
 
-from deploys.common import current_distro
 from dockyard import pki
+from dockyard_deploys.common import current_distro
 
 DEFAULTS: dict[str, Any] = {
     # "certs.d" (verify the registry with the fleet CA) or "insecure" (no TLS verification).
@@ -98,7 +98,7 @@ def configure_registry_trust() -> None:
 
     .. code:: python
 
-        from deploys.registry_trust import configure_registry_trust
+        from dockyard_deploys.registry_trust import configure_registry_trust
         configure_registry_trust()
     """
     endpoint = registry_endpoint()

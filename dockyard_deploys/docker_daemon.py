@@ -8,8 +8,8 @@ from typing import Any
 
 from pyinfra.api import deploy
 
-from deploys import docker_storage, registry_trust
-from deploys.operations import daemon_json
+from dockyard_deploys import docker_storage, registry_trust
+from dockyard_deploys.operations import daemon_json
 
 DEFAULTS: dict[str, Any] = {
     # Path of the engine's configuration file.
@@ -40,7 +40,7 @@ def configure_docker_daemon() -> None:
 
     .. code:: python
 
-        from deploys.docker_daemon import configure_docker_daemon
+        from dockyard_deploys.docker_daemon import configure_docker_daemon
         configure_docker_daemon()
     """
     from pyinfra import host

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, StringCommand, operation
 
-from deploys.facts import BlockDevice, DockerEngine, JsonFile
+from dockyard_deploys.facts import BlockDevice, DockerEngine, JsonFile
 
 # Seconds the engine gets to answer `docker info` after a restart before it is rolled back.
 ENGINE_READY_TIMEOUT = 60

@@ -19,7 +19,7 @@ from pyinfra import host
 from pyinfra.api import DeployError, FactBase, deploy
 from pyinfra.operations import files, pip, server
 
-from deploys.common import current_distro, install_packages
+from dockyard_deploys.common import current_distro, install_packages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,7 +201,7 @@ def install_dockyard_core() -> Any:
 
     .. code:: python
 
-        from deploys.dockyard_core import install_dockyard_core
+        from dockyard_deploys.dockyard_core import install_dockyard_core
         install_dockyard_core()
     """
     distro = current_distro()
