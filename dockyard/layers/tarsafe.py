@@ -37,6 +37,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import IO, Any, Optional
 
+from dockyard.layers.tarinput import InputError, InputTooLarge, LayerInput, open_input
+
 WHITEOUT_PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"
 OVERLAY_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
@@ -46,8 +48,6 @@ OVERLAY_PRIVATE_XATTRS = ("trusted.overlay.", "user.overlay.")
 PAX_XATTR = "SCHILY.xattr."
 # Bytes copied per step from a tar member to its file.
 COPY_CHUNK = 1024 * 1024
-# tarfile's read size: kept small, as tarfile copies the rest of its buffer on every header read.
-TAR_BUFFER = 64 * 1024
 # Default bound on a layer's uncompressed tar stream, in bytes read (sparse holes are not read).
 MAX_UNCOMPRESSED = 64 * 1024**3
 # Symlinks followed while resolving one path inside the root before giving up (the kernel's 40).
@@ -383,9 +383,11 @@ def _mkdir(dir_fd: int, name: str) -> int:
 
 
 class _Applier:
-    def __init__(self, tree: _Tree, overlay: bool) -> None:
+    def __init__(self, tree: _Tree, overlay: bool, layer_input: LayerInput) -> None:
         self.tree = tree
         self.overlay = overlay
+        self.input = layer_input
+        self.umask = _umask()
         self.privileged = os.geteuid() == 0
         self.created: set[str] = set()  # paths (without symlinks) this layer made
         # directories whose metadata is due at the end: (st_dev, st_ino) -> (path, header)
@@ -395,7 +397,7 @@ class _Applier:
         self.files = 0
 
     # ---- members ---------------------------------------------------------------------------
-    def member(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
+    def member(self, info: tarfile.TarInfo) -> None:
         rel = _clean_name(info.name)
         if rel is None:
             if info.isdir():
@@ -420,11 +422,17 @@ class _Applier:
         elif info.isreg():
             if info.size < 0:
                 raise LayerError(f"corrupt layer: {rel!r} has a negative size")
-            self._remove(parent, name)
-            fd = os.open(name, _FILE_NEW, 0o600, dir_fd=parent)
+            # created with its final permission bits where the umask keeps them (most files: no
+            # fchmod); an existing name (or a symlink) is removed first, never written through
+            mode = info.mode & 0o777
             try:
-                self._write(tar, info, fd, rel)
-                self._fd_metadata(fd, info, path)
+                fd = os.open(name, _FILE_NEW, mode, dir_fd=parent)
+            except FileExistsError:
+                self._remove(parent, name)
+                fd = os.open(name, _FILE_NEW, mode, dir_fd=parent)
+            try:
+                self._write(info, fd, rel)
+                self._fd_metadata(fd, info, path, created_mode=mode & ~self.umask)
             finally:
                 os.close(fd)
         elif info.issym():
@@ -512,26 +520,21 @@ class _Applier:
             os.close(fd)
 
     # ---- data ------------------------------------------------------------------------------
-    def _write(self, tar: tarfile.TarFile, info: tarfile.TarInfo, fd: int, rel: str) -> None:
+    def _write(self, info: tarfile.TarInfo, fd: int, rel: str) -> None:
         """The member's data into `fd`: for a sparse member only its data regions, at their
         offsets, then the file is extended to its full size (the holes are never written)."""
-        stream: Any = tar.fileobj  # tarfile's stream, positioned at this member's data
         sparse: Any = info.sparse
         regions = [(0, info.size)] if sparse is None else _sparse_regions(sparse, info.size, rel)
         position = info.offset_data
         for offset, length in regions:
-            stream.seek(position)  # forward only: the regions' data follow one another
+            self.input.seek(position)  # forward only: the regions' data follow one another
             position += length
-            while length:
-                chunk = stream.read(min(COPY_CHUNK, length))
-                if not chunk:
-                    raise LayerError(f"corrupt or truncated layer: it ends inside {rel!r}")
-                view = memoryview(chunk)
-                while view:
-                    written = os.pwrite(fd, view, offset)
-                    offset += written
-                    view = view[written:]
-                length -= len(chunk)
+            try:
+                self.input.copy_to(fd, offset, length)
+            except InputError as exc:
+                if isinstance(exc, InputTooLarge):
+                    raise
+                raise LayerError(f"corrupt or truncated layer: it ends inside {rel!r}") from exc
         if sparse is not None:
             os.ftruncate(fd, info.size)
 
@@ -553,14 +556,18 @@ class _Applier:
             out.append((name, value.encode("utf-8", "surrogateescape")))
         return out
 
-    def _fd_metadata(self, fd: int, info: tarfile.TarInfo, path: str) -> None:
+    def _fd_metadata(
+        self, fd: int, info: tarfile.TarInfo, path: str, created_mode: Optional[int] = None
+    ) -> None:
         """Owner, xattrs, mode and times of an open file or directory (in that order: chown
-        clears set-id bits and file capabilities)."""
+        clears set-id bits and file capabilities). `created_mode`: the permission bits the
+        object was made with, when known; the mode is then set only if it differs."""
         if self.privileged:
             os.fchown(fd, info.uid, info.gid)
         for name, value in self._xattrs(info, path):
             _setxattr(fd, name, value)
-        os.fchmod(fd, info.mode & 0o7777)
+        if created_mode is None or created_mode != info.mode & 0o7777:
+            os.fchmod(fd, info.mode & 0o7777)
         os.utime(fd, (info.mtime, info.mtime))
 
     def _at_metadata(self, parent: int, name: str, info: tarfile.TarInfo, path: str) -> None:
@@ -676,6 +683,19 @@ def _sparse_regions(sparse: Any, size: int, rel: str) -> list[tuple[int, int]]:
     return regions
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux 4.7+); 0o7777 (every mode set
+    explicitly) where it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o7777
+
+
 def apply_layer(
     source: IO[bytes],
     target: str,
@@ -687,20 +707,19 @@ def apply_layer(
 
     On error the target may be half-written: callers extract into a temp directory and rename
     it into place only on success (see the layer store)."""
-    raw = HashingReader(source)
     try:
         tree = _Tree(target)
     except OSError as exc:
         raise LayerError(f"cannot apply layer: {exc}") from exc
+    layer_input: Optional[LayerInput] = None
     try:
-        stream, compression = decompressed(raw)  # type: ignore[arg-type]
-        plain = HashingReader(stream, limit=max_uncompressed)
-        applier = _Applier(tree, overlay)
-        with tarfile.open(fileobj=plain, mode="r|", bufsize=TAR_BUFFER) as tar:  # type: ignore[call-overload]
+        layer_input = open_input(source, max_uncompressed)
+        applier = _Applier(tree, overlay, layer_input)
+        with tarfile.open(fileobj=layer_input, mode="r:") as tar:  # type: ignore[call-overload]
             for info in tar:
                 try:
-                    applier.member(tar, info)
-                except gzip.BadGzipFile:
+                    applier.member(info)
+                except (InputError, LayerError):
                     raise
                 except OSError as exc:
                     if exc.errno in _HOST_ERRNOS:
@@ -710,10 +729,13 @@ def apply_layer(
                     raise LayerError(f"corrupt layer: {info.name!r}: {exc}") from exc
                 finally:
                     tree.end_member()
-        plain.drain()
-        raw.drain()
+        diff_id, compressed_digest, size = layer_input.finish()
         applier.finish()
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+    except InputTooLarge as exc:
+        raise LayerTooLarge(str(exc)) from None
+    except InputError as exc:
+        raise LayerError(str(exc)) from None
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise LayerError(f"corrupt or truncated layer: {exc}") from exc
     except (OverflowError, ValueError) as exc:
         raise LayerError(f"corrupt layer: {exc}") from exc
@@ -722,12 +744,14 @@ def apply_layer(
             raise LayerError(f"cannot apply layer: {exc}") from exc
         raise
     finally:
+        if layer_input is not None:
+            layer_input.close()
         tree.close()
     return ApplyResult(
-        diff_id=plain.digest,
-        compressed_digest=raw.digest,
-        compression=compression,
-        size=plain.count,
+        diff_id=diff_id,
+        compressed_digest=compressed_digest,
+        compression=layer_input.compression,
+        size=size,
         files=applier.files,
         skipped_devices=applier.skipped,
         stripped_xattrs=applier.stripped,
