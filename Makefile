@@ -21,10 +21,10 @@ engine:
 	bash scripts/ensure-engine.sh
 
 lab-up: venv engine
-	$(BIN)/dockyard lab up
+	$(BIN)/dockyard-lab up
 
 lab-down: venv
-	$(BIN)/dockyard lab down
+	$(BIN)/dockyard-lab down
 
 deploy: lab-up
 	$(BIN)/pyinfra inventory/lab.py deploy.py -y
@@ -36,7 +36,7 @@ lint: venv
 	$(BIN)/vermin --no-tips -t=3.9- --violations dockyard
 
 unit: venv
-	$(BIN)/pytest -q tests/unit tests/operations
+	$(BIN)/pytest -q -m 'not packaging' tests/unit tests/operations
 
 test: venv engine lint
 	$(BIN)/pytest -q -ra tests

@@ -1,7 +1,17 @@
-"""dockyard's entry point: `pyinfra inventory/lab.py deploy.py`. Only composes the deploys, in
-order, by host group; every tunable is host data documented in the README."""
+"""dockyard's entry point: `pyinfra inventory/lab.py deploy.py`, from any working directory. Only
+composes the deploys, in order, by host group; every tunable is host data documented in the
+README."""
+
+import sys
+from pathlib import Path
+from typing import Any, cast
 
 from pyinfra import host
+
+# pyinfra puts only the working directory on sys.path: this checkout's packages come first.
+_CHECKOUT = str(Path(__file__).resolve().parent)
+if _CHECKOUT not in sys.path:
+    sys.path.insert(0, _CHECKOUT)
 
 from dockyard_deploys.docker_daemon import configure_docker_daemon
 from dockyard_deploys.docker_engine import install_docker_engine
@@ -31,4 +41,5 @@ configure_nfs_client()
 # Tier 3 — the TLS registry, its data on the NFS-backed path.
 if "registry" in host.groups:
     # A new certificate or a new core (the registry runs it) restarts the registry.
-    configure_registry(restart_on=[*install_registry_certificate(), core])
+    certificate: list[Any] = cast(Any, install_registry_certificate)()
+    configure_registry(restart_on=[*certificate, core])

@@ -35,9 +35,9 @@ def _deploy() -> tuple[float, dict[str, Any]]:
 
 
 def _lab(*args: str) -> None:
-    proc = _run(str(BIN / "dockyard"), "lab", *args)
+    proc = _run(str(BIN / "dockyard-lab"), *args)
     if proc.returncode != 0:
-        sys.exit(f"dockyard lab {' '.join(args)} failed:\n{proc.stderr}")
+        sys.exit(f"dockyard-lab {' '.join(args)} failed:\n{proc.stderr}")
 
 
 def main() -> int:

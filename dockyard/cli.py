@@ -1,41 +1,17 @@
-"""The `dockyard` command line: `dockyard lab up|down|status` for the local lab fleet (more
-subcommands — registry, image, container — join as the core grows)."""
+"""The `dockyard` command line that hosts get: `dockyard registry`, `image`, `container` and
+`store` (the lab is apart, on the control machine: `dockyard-lab`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from dockyard import __version__, defaults
-from dockyard.lab import down, status, up
-from dockyard.lab.docker import DockerError
+from dockyard import __version__
 
 if TYPE_CHECKING:
     from dockyard.layers.store import ImageStore
-
-
-def _releases(value: str) -> list[str]:
-    releases = [r.strip() for r in value.split(",") if r.strip()]
-    bad = [r for r in releases if r not in defaults.LAB_RELEASES]
-    if bad or not releases:
-        raise argparse.ArgumentTypeError(
-            f"unknown release(s) {', '.join(bad) or '(none)'}; "
-            f"valid: {', '.join(defaults.LAB_RELEASES)}"
-        )
-    return releases
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
-    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,29 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dockyard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    lab = sub.add_parser("lab", help="the local lab fleet of systemd host containers")
-    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
-    lab_up = lab_sub.add_parser("up", help="build cached images and start the lab hosts")
-    lab_up.add_argument(
-        "--hosts",
-        type=_positive,
-        default=len(defaults.LAB_RELEASES),
-        help="number of hosts (default: %(default)s, one per release)",
-    )
-    lab_up.add_argument(
-        "--releases",
-        type=_releases,
-        default=list(defaults.LAB_RELEASES),
-        help="comma-separated Debian suites to cycle through (default: %(default)s)",
-    )
-    lab_sub.add_parser("down", help="remove the lab hosts, their volumes and network")
-    lab_archive = lab_sub.add_parser(
-        "registry-archive",
-        help="save a registry:2-compatible image (Debian's docker-registry) for registry_image",
-    )
-    lab_archive.add_argument("path", help="where to write the docker save archive")
-    lab_status = lab_sub.add_parser("status", help="list the lab hosts")
-    lab_status.add_argument("--json", action="store_true", help="machine-readable output")
+    # The lab moved out of the core (hosts install the core alone): say where it went.
+    lab = sub.add_parser("lab", help="moved: the lab is `dockyard-lab` on the control machine")
+    lab.add_argument("lab_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     registry = sub.add_parser("registry", help="the OCI Distribution registry")
     reg_sub = registry.add_subparsers(dest="registry_command", required=True)
@@ -349,37 +305,6 @@ def _store_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lab(args: argparse.Namespace) -> int:
-    if args.lab_command == "up":
-        hosts = up(hosts=args.hosts, releases=args.releases)
-        print(f"--> Lab up: {len(hosts)} host(s); inventory: inventory/lab.py")
-        return 0
-    if args.lab_command == "registry-archive":
-        from pathlib import Path
-
-        from dockyard.lab.images import build_registry_archive
-
-        tag = build_registry_archive(Path(args.path))
-        print(
-            f"--> {tag} in {args.path}: set registry_image={tag} registry_image_archive={args.path}"
-        )
-        return 0
-    if args.lab_command == "down":
-        down()
-        print("--> Lab down (images kept in the cache)")
-        return 0
-    hosts = status()
-    if args.json:
-        print(json.dumps([h.to_json() for h in hosts], indent=2))
-        return 0
-    if not hosts:
-        print("no lab hosts (run `dockyard lab up`)")
-        return 0
-    for h in hosts:
-        print(f"{h.name:28} {h.state:9} {h.address:15} {h.release:9} {','.join(h.groups)}")
-    return 0
-
-
 def _registry(args: argparse.Namespace) -> int:
     from dockyard.registry.config import load_config
 
@@ -408,14 +333,13 @@ def _registry(args: argparse.Namespace) -> int:
         print(f"registry at {args.url} is ready ({answer.detail})")
         return 0
     from dockyard.registry import gc
-    from dockyard.registry.driver import FilesystemDriver
-    from dockyard.registry.store import Registry
+    from dockyard.registry.store import build_registry
 
     config = load_config(args.config, warn=warn)
     grace = gc.DEFAULT_GRACE_SECONDS if args.grace is None else args.grace
     if grace < 0:
         raise ValueError(f"--grace {grace} must not be negative")
-    registry = Registry(FilesystemDriver(config.rootdirectory), delete_enabled=True)
+    registry = build_registry(config, create=False)
     gc.collect(
         registry, dry_run=args.dry_run, delete_untagged=args.delete_untagged, grace_seconds=grace
     )
@@ -434,7 +358,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "lab":
-            return _lab(args)
+            print(
+                "dockyard: error: the lab is not part of the core; run `dockyard-lab "
+                f"{' '.join(args.lab_args) or 'up|down|status'}` on the control machine",
+                file=sys.stderr,
+            )
+            return 2
         if args.command == "registry":
             return _registry(args)
         if args.command == "image":
@@ -443,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _container(args)
         if args.command == "store":
             return _store_cmd(args)
-    except (DockerError, ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"dockyard: error: {exc}", file=sys.stderr)
         return 1
     except _layer_errors() as exc:

@@ -133,12 +133,15 @@ def cert_names(cert: x509.Certificate) -> tuple[set[str], set[str]]:
     )
 
 
-def _needs_issue(
+def needs_issue(
     cert_path: Path,
     key_path: Path,
     ca: x509.Certificate,
     wanted: Optional[tuple[set[str], set[str]]],
 ) -> Optional[str]:
+    """Why the certificate at `cert_path` would be issued again (missing, signed by another CA,
+    expiring, names other than `wanted` (DNS names, IPs; None: not checked), a key that does not
+    match), or None when it is good; reads only."""
     if not cert_path.exists() or not key_path.exists():
         return "missing"
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -156,6 +159,28 @@ def _needs_issue(
     return None
 
 
+def pending(
+    directory: Union[str, Path],
+    name: Optional[str] = None,
+    dns: Iterable[str] = (),
+    ips: Iterable[str] = (),
+    server: bool = True,
+) -> str:
+    """Why `ensure_ca` (name None), `ensure_server_cert` or `ensure_client_cert` (server False)
+    would write something in `directory`, "" when it would not: the same rules, read-only (for
+    change detection and dry runs; nothing is created)."""
+    base = Path(directory).expanduser()
+    ca_cert_path, ca_key_path = base / "ca.crt", base / "ca.key"
+    if not (ca_cert_path.exists() and ca_key_path.exists()):
+        return "the fleet CA does not exist yet"
+    if name is None:
+        return ""
+    ca = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    wanted = _names(dns, ips)
+    reason = needs_issue(base / f"{name}.crt", base / f"{name}.key", ca, wanted if server else None)
+    return reason or ""
+
+
 def _issue_leaf(
     directory: Union[str, Path],
     name: str,
@@ -171,7 +196,7 @@ def _issue_leaf(
     if server and not (wanted[0] or wanted[1]):
         raise PKIError(f"the server certificate {name!r} needs at least one DNS name or IP")
     with _LOCK:
-        reason = _needs_issue(cert_path, key_path, ca, wanted if server else None)
+        reason = needs_issue(cert_path, key_path, ca, wanted if server else None)
         if reason is None:
             return Issued(cert_path, key_path, False)
         ca_key = _load_key(ca_key_path)

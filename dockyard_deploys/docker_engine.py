@@ -5,26 +5,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
-from pyinfra import host
 from pyinfra.api import DeployError, deploy
 from pyinfra.operations import apt, dnf, files, systemd, yum
 
+from dockyard_deploys import settings
 from dockyard_deploys.common import Distro, current_distro, install_packages, unsupported
-
-DEFAULTS: dict[str, Any] = {
-    # Where the engine comes from: "distro" (docker.io; legacy docker on CentOS 7) or
-    # "docker-ce" (Docker's repository). None picks per distro: distro on Debian/Ubuntu,
-    # docker-ce on the RHEL family.
-    "docker_engine_source": None,
-    # Pin a docker-ce version ("24.0.9"); None installs the repository's newest.
-    "docker_engine_version": None,
-    # Base URL of Docker's package repository (a local mirror in air-gapped fleets).
-    "docker_engine_repo_url": "https://download.docker.com/linux",
-    # Keep the engine enabled at boot.
-    "docker_engine_enabled": True,
-}
+from dockyard_deploys.settings import EngineSettings
 
 # Releases the engine deploy supports, by Distro.key.
 SUPPORTED: tuple[str, ...] = (
@@ -83,19 +71,14 @@ class EnginePlan:
     repo_file_url: Optional[str] = None
 
 
-def engine_plan(distro: Distro, data: Any) -> EnginePlan:
-    """Choose source and packages for `distro` from the host's data (pure, tested per distro)."""
+def engine_plan(distro: Distro, engine: EngineSettings) -> EnginePlan:
+    """Choose source and packages for `distro` from the engine settings (pure, tested per
+    distro)."""
     if distro.key not in SUPPORTED:
         raise unsupported("The Docker engine deploy", distro)
-    source = data.get("docker_engine_source") or (
-        "docker-ce" if distro.family == "rhel" else "distro"
-    )
-    if source not in ("distro", "docker-ce"):
-        raise DeployError(
-            f"docker_engine_source={source!r} is not valid; valid: 'distro', 'docker-ce'"
-        )
-    version = data.get("docker_engine_version")
-    base = str(data.get("docker_engine_repo_url") or DEFAULTS["docker_engine_repo_url"])
+    source = engine.source or ("docker-ce" if distro.family == "rhel" else "distro")
+    version = engine.version
+    base = engine.repo_url
     if source == "distro":
         if distro.key not in DISTRO_ENGINE_MAJOR:
             raise unsupported("docker_engine_source='distro' (no engine package)", distro)
@@ -113,12 +96,7 @@ def engine_plan(distro: Distro, data: Any) -> EnginePlan:
         )
     expected = DOCKER_CE_MAJOR.get(distro.key, DOCKER_CE_MAJOR_DEFAULT)
     if version:
-        try:
-            expected = int(str(version).split(".")[0])
-        except ValueError as exc:
-            raise DeployError(
-                f"docker_engine_version={version!r} is not a version like '24.0.9'"
-            ) from exc
+        expected = int(version.split(".")[0])
     repo_dist = DOCKER_CE_REPO_DIST[distro.id]
     if distro.family == "debian":
         packages = list(DOCKER_CE_PACKAGES)
@@ -149,10 +127,10 @@ def engine_plan(distro: Distro, data: Any) -> EnginePlan:
 
 def current_plan() -> EnginePlan:
     """The engine plan for the host pyinfra is preparing now."""
-    return engine_plan(current_distro(), host.data)
+    return engine_plan(current_distro(), settings.engine())
 
 
-@deploy("Install and start the Docker engine", data_defaults=DEFAULTS)
+@deploy("Install and start the Docker engine")
 def install_docker_engine() -> None:
     """
     Install the Docker engine from the distro or Docker's repository and keep it running.
@@ -170,7 +148,8 @@ def install_docker_engine() -> None:
         install_docker_engine()
     """
     distro = current_distro()
-    plan = engine_plan(distro, host.data)
+    engine = settings.engine()
+    plan = engine_plan(distro, engine)
     if plan.family == "debian":
         if plan.repo_key_url and plan.repo_line:
             install_packages(
@@ -196,9 +175,8 @@ def install_docker_engine() -> None:
         f"Install the Docker engine ({', '.join(plan.packages)})", plan.packages, distro
     )
     systemd.service(
-        name="Keep the Docker engine running"
-        + (" and enabled at boot" if host.data.get("docker_engine_enabled") else ""),
+        name="Keep the Docker engine running" + (" and enabled at boot" if engine.enabled else ""),
         service="docker.service",
         running=True,
-        enabled=bool(host.data.get("docker_engine_enabled")),
+        enabled=engine.enabled,
     )

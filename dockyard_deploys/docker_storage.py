@@ -1,20 +1,19 @@
 """Choose and prepare the Docker storage driver from facts: distro, kernel filesystems, the data
 root's backing filesystem, the engine's version and what it holds now. Optionally give the data
 root a dedicated backing store (xfs with ftype=1 or btrfs). The driver's daemon.json keys are
-written by `deploys.docker_daemon`, the one owner of that file."""
+contributed to `docker_daemon`, the one owner of that file; the settings are
+`settings.StorageSettings` (`docker_storage_*`)."""
 
 from __future__ import annotations
 
-import posixpath
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pyinfra import host
-from pyinfra.api import deploy, operation
-from pyinfra.operations import files, systemd
+from pyinfra.api import deploy
+from pyinfra.operations import systemd
 
-from dockyard_deploys import docker_engine
+from dockyard_deploys import docker_engine, settings
 from dockyard_deploys.common import Distro, current_distro, install_packages, unsupported
 from dockyard_deploys.facts import (
     BlockDevice,
@@ -25,40 +24,15 @@ from dockyard_deploys.facts import (
     PathFilesystem,
     PathFilesystemDict,
 )
-from dockyard_deploys.operations import data_root_device, fail_command
+from dockyard_deploys.operations import data_root_device, fstab_entry, storage_driver_check
+from dockyard_deploys.settings import DEFAULT_DATA_ROOT, StorageSettings
 
-DEFAULTS: dict[str, Any] = {
-    # Storage driver; None chooses from facts (btrfs on btrfs, zfs on zfs, else overlay2).
-    # devicemapper (direct-lvm) only when asked for, and only on engines <= 24.
-    "docker_storage_driver": None,
-    # Extra storage-opts appended to the driver's own (list of "key=value" strings).
-    "docker_storage_opts": [],
-    # The engine's data root; written as data-root only when it differs from the default.
-    "docker_storage_data_root": "/var/lib/docker",
-    # Dedicated backing store for the data root: a block device, or a loop file path.
-    "docker_storage_device": None,
-    # Filesystem made on docker_storage_device when it holds none: xfs (ftype=1) or btrfs.
-    "docker_storage_device_fs": "xfs",
-    # Size of the sparse loop file created when docker_storage_device is a missing file ("4G").
-    "docker_storage_device_size": None,
-    # Allow a driver switch (or a new backing store) that hides existing images and containers.
-    "docker_storage_allow_switch": False,
-}
-
-DEFAULT_DATA_ROOT = "/var/lib/docker"
-
-# Drivers dockyard configures; aufs and the legacy overlay driver are never chosen.
-DRIVERS: tuple[str, ...] = ("overlay2", "btrfs", "zfs", "devicemapper", "vfs")
-REMOVED_DRIVERS: dict[str, str] = {
-    "aufs": "aufs was removed from the engine (24) and was never upstream in the kernel",
-    "overlay": "the legacy overlay driver was removed from the engine (24); use overlay2",
-}
 # Backing filesystems overlay2 runs on (xfs only with ftype=1, checked separately).
 OVERLAY2_BACKING: tuple[str, ...] = ("ext4", "xfs", "btrfs", "tmpfs", "ext3")
 # The last engine major that has devicemapper.
 DEVICEMAPPER_LAST_MAJOR = 24
-# Filesystems a backing store may be made with, and the package that has the mkfs.
-DEVICE_FILESYSTEMS: dict[str, dict[str, str]] = {
+# The package that has the mkfs of each backing-store filesystem, per family.
+DEVICE_PACKAGES: dict[str, dict[str, str]] = {
     "xfs": {"debian": "xfsprogs", "rhel": "xfsprogs"},
     "btrfs": {"debian": "btrfs-progs", "rhel": "btrfs-progs"},
 }
@@ -70,7 +44,6 @@ DEVICEMAPPER_OPTS: tuple[str, ...] = (
     "dm.thinp_autoextend_percent=20",
     "dm.directlvm_device_force=false",
 )
-_SIZE = re.compile(r"^[1-9][0-9]*[KMGT]$")
 
 
 class StorageRefused(Exception):
@@ -101,11 +74,6 @@ class StoragePlan:
         }
 
 
-def _setting(data: Any, key: str) -> Any:
-    value = data.get(key)
-    return DEFAULTS[key] if value is None else value
-
-
 def _overlay2_problem(kernel_fs: list[str], backing: str, xfs_ftype: Optional[bool]) -> str:
     if "overlay" not in kernel_fs:
         return "the kernel has no overlay filesystem (not in /proc/filesystems)"
@@ -122,38 +90,22 @@ def plan_storage(
     path_fs: Optional[PathFilesystemDict],
     engine: Optional[DockerEngineDict],
     device_state: Optional[BlockDeviceDict],
-    data: Any,
+    storage: StorageSettings,
     expected_major: int,
 ) -> StoragePlan:
     """Choose the driver and backing store from facts; raise StorageRefused when the host can't.
 
-    Pure: every input is a fact or data value, so it is tested per distro with fake facts.
+    Pure: every input is a fact or a (validated) settings value, so it is tested per distro with
+    fake facts.
     """
-    requested = data.get("docker_storage_driver")
-    data_root = str(_setting(data, "docker_storage_data_root"))
-    device = data.get("docker_storage_device")
-    device_fs = str(_setting(data, "docker_storage_device_fs"))
-    device_size = data.get("docker_storage_device_size")
-    extra_opts = list(_setting(data, "docker_storage_opts"))
-    allow_switch = bool(_setting(data, "docker_storage_allow_switch"))
+    requested = storage.driver
+    data_root = storage.data_root
+    device = storage.device
+    device_fs = storage.device_fs
+    device_size = storage.device_size
+    extra_opts = list(storage.opts)
+    allow_switch = storage.allow_switch
     major = engine["major"] if engine else expected_major
-
-    if not posixpath.isabs(data_root):
-        raise StorageRefused(f"docker_storage_data_root={data_root!r} must be an absolute path")
-    if not all(isinstance(o, str) and "=" in o for o in extra_opts):
-        raise StorageRefused(
-            f"docker_storage_opts={extra_opts!r} must be a list of 'key=value' strings"
-        )
-    if requested is not None and requested in REMOVED_DRIVERS:
-        raise StorageRefused(
-            f"docker_storage_driver={requested!r} is never configured: "
-            f"{REMOVED_DRIVERS[requested]}; valid: {', '.join(DRIVERS)}"
-        )
-    if requested is not None and requested not in DRIVERS:
-        raise StorageRefused(
-            f"docker_storage_driver={requested!r} is not a storage driver; "
-            f"valid: {', '.join(DRIVERS)} (or None to choose from facts)"
-        )
 
     # The backing filesystem the engine will see: the device's, when one is configured.
     backing = path_fs["fstype"] if path_fs else ""
@@ -161,14 +113,6 @@ def plan_storage(
     device_mounted = False
     device_is_file = False
     if device and requested != "devicemapper":
-        device = str(device)
-        if not posixpath.isabs(device):
-            raise StorageRefused(f"docker_storage_device={device!r} must be an absolute path")
-        if device_fs not in DEVICE_FILESYSTEMS:
-            raise StorageRefused(
-                f"docker_storage_device_fs={device_fs!r} is not supported; "
-                f"valid: {', '.join(DEVICE_FILESYSTEMS)}"
-            )
         if device_fs not in kernel_fs:
             raise StorageRefused(f"the kernel cannot mount {device_fs} (not in /proc/filesystems)")
         device_is_file = not device.startswith("/dev/")
@@ -176,7 +120,7 @@ def plan_storage(
         if not state["exists"]:
             if not device_is_file:
                 raise StorageRefused(f"docker_storage_device {device} does not exist")
-            if not (isinstance(device_size, str) and _SIZE.match(device_size)):
+            if device_size is None:
                 raise StorageRefused(
                     f"docker_storage_device {device} does not exist; set "
                     f"docker_storage_device_size (like '4G'; got {device_size!r}) to create it"
@@ -273,42 +217,32 @@ def plan_storage(
 
 
 def current_plan() -> StoragePlan:
-    """The storage plan of the host pyinfra is preparing now (facts are cached per host)."""
+    """The storage plan of the host pyinfra is preparing or running now (facts are cached per
+    host)."""
     distro = current_distro()
     if distro.family not in ("debian", "rhel"):
         raise unsupported("Docker storage", distro)
-    data_root = str(_setting(host.data, "docker_storage_data_root"))
-    device = host.data.get("docker_storage_device")
+    storage = settings.storage()
     return plan_storage(
         distro=distro,
         kernel_fs=host.get_fact(KernelFilesystems),
-        path_fs=host.get_fact(PathFilesystem, path=data_root),
+        path_fs=host.get_fact(PathFilesystem, path=storage.data_root),
         engine=host.get_fact(DockerEngine),
-        device_state=host.get_fact(BlockDevice, device=str(device)) if device else None,
-        data=host.data,
+        device_state=(
+            host.get_fact(BlockDevice, device=storage.device) if storage.device else None
+        ),
+        storage=storage,
         expected_major=docker_engine.current_plan().expected_major,
     )
 
 
-@operation()
-def storage_driver_check():
-    """
-    Decide the storage driver from facts when the operation runs, print it with the reason, and
-    fail the host with a clear error when it cannot take the requested configuration.
-
-    .. code:: python
-
-        storage_driver_check(name="Choose the Docker storage driver")
-    """
-    try:
-        plan = current_plan()
-    except StorageRefused as exc:
-        yield fail_command(str(exc))
-        return
-    host.noop(f"storage driver {plan.driver} ({plan.reason})")
+def daemon_keys(current: dict[str, Any]) -> dict[str, Any]:
+    """This concern's daemon.json keys on the current host (a `docker_daemon` contributor);
+    raises StorageRefused when the host cannot take the requested storage."""
+    return current_plan().daemon_keys()
 
 
-@deploy("Prepare Docker storage", data_defaults=DEFAULTS)
+@deploy("Prepare Docker storage")
 def configure_docker_storage() -> None:
     """
     Choose the storage driver from facts and give the data root its backing store when asked;
@@ -334,15 +268,13 @@ def configure_docker_storage() -> None:
     if not (plan.device and plan.device_fs):
         return
     distro = current_distro()
-    package = DEVICE_FILESYSTEMS[plan.device_fs][distro.family]
+    package = DEVICE_PACKAGES[plan.device_fs][distro.family]
     install_packages(f"Install {package} for the {plan.device_fs} backing store", [package], distro)
     options = "defaults,loop" if plan.device_is_file else "defaults"
-    fstab = files.line(
+    fstab = fstab_entry(
         name=f"Mount {plan.device} at {plan.data_root} at boot (fstab)",
-        path="/etc/fstab",
-        line=rf"^\S+\s+{re.escape(plan.data_root)}\s+.*$",
-        replace=f"{plan.device} {plan.data_root} {plan.device_fs} {options} 0 0",
-        extended_regex=True,
+        mountpoint=plan.data_root,
+        line=f"{plan.device} {plan.data_root} {plan.device_fs} {options} 0 0",
     )
     systemd.daemon_reload(name="Reload systemd for the new fstab", _if=fstab.did_change)
     data_root_device(

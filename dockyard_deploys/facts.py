@@ -272,3 +272,93 @@ class KernelNfs(FactBase[KernelNfsDict]):
             "server": fields.get("server", "no") != "no",
             "client": fields.get("client", "no") != "no",
         }
+
+
+class RegistryContainerDict(TypedDict):
+    running: bool
+    hash: str
+
+
+class RegistryContainer(FactBase[Optional[RegistryContainerDict]]):
+    """
+    The registry container ``dockyard-registry``: whether it runs and the configuration hash it
+    was created with (its ``dockyard.hash`` label); None when there is no such container.
+
+    .. code:: python
+
+        # true|3f2a...
+        {"running": True, "hash": "3f2a..."}
+    """
+
+    def command(self) -> str:
+        return (
+            "docker inspect -f '{{.State.Running}}|{{index .Config.Labels \"dockyard.hash\"}}' "
+            "dockyard-registry 2>/dev/null || true"
+        )
+
+    def requires_command(self) -> str:
+        return "docker"
+
+    def process(self, output) -> Optional[RegistryContainerDict]:
+        line = " ".join(output).strip()
+        if "|" not in line:
+            return None
+        running, _, digest = line.partition("|")
+        return {"running": running == "true", "hash": digest}
+
+
+class DockerImagePresent(FactBase[bool]):
+    """
+    Whether the engine has an image (``docker image inspect``).
+
+    .. code:: python
+
+        # yes
+        True
+    """
+
+    def command(self, image: str) -> str:
+        return f"docker image inspect {shlex.quote(image)} >/dev/null 2>&1 && echo yes || echo no"
+
+    def requires_command(self, image: str) -> str:
+        return "docker"
+
+    @staticmethod
+    def default() -> bool:
+        return False
+
+    def process(self, output) -> bool:
+        return " ".join(output).strip() == "yes"
+
+
+class PythonInfo(TypedDict):
+    version: str  # "3.11"
+    machine: str  # "x86_64"
+
+
+class HostPython(FactBase[Optional[PythonInfo]]):
+    """
+    The host's python3 version and machine architecture; None without python3.
+
+    .. code:: python
+
+        # 3.11 x86_64
+        {"version": "3.11", "machine": "x86_64"}
+    """
+
+    def command(self) -> str:
+        return (
+            "python3 -c 'import sys, platform; "
+            'print("%d.%d" % sys.version_info[:2], platform.machine())\''
+        )
+
+    def requires_command(self) -> str:
+        return "python3"
+
+    @staticmethod
+    def default() -> Optional[PythonInfo]:
+        return None
+
+    def process(self, output: list[str]) -> Optional[PythonInfo]:
+        parts = " ".join(output).split()
+        return {"version": parts[0], "machine": parts[1]} if len(parts) == 2 else None

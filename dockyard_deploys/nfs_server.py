@@ -2,11 +2,11 @@
 anonymous user (never world-writable), clients limited to the fleet's own addresses unless told
 otherwise, `rw,sync,all_squash` with anonuid/anongid by default. The kernel server per distro
 (`exportfs -ra` only when the exports changed), or nfs-ganesha (NFSv4, VFS backend) where the
-kernel has no NFS server — as in the lab — or when `nfs_server_impl` says so."""
+kernel has no NFS server — as in the lab — or when `nfs_server_impl` says so. Only hosts in the
+`storage` group export; settings: `settings.NfsServerSettings` (`nfs_server_*`)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -15,22 +15,15 @@ from pyinfra import host, inventory, logger
 from pyinfra.api import DeployError, deploy
 from pyinfra.operations import files, server, systemd
 
+from dockyard_deploys import settings
 from dockyard_deploys.common import Distro, current_distro, install_packages, unsupported
 from dockyard_deploys.facts import KernelNfs
+from dockyard_deploys.settings import NfsServerSettings
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
-DEFAULTS: dict[str, Any] = {
-    # Exports: path (required), clients (None: every host of the inventory), options
-    # (None: rw,sync,all_squash,no_subtree_check,anonuid,anongid), owner/group (None: the
-    # anonymous user), mode (0750; world-writable modes are refused).
-    "nfs_server_exports": [{"path": "/srv/exports/registry"}],
-    # "kernel", "ganesha", or None: the kernel server where the kernel has nfsd, else ganesha.
-    "nfs_server_impl": None,
-    # uid/gid that every client user is squashed to (None: the distro's anonymous user).
-    "nfs_server_anon_uid": None,
-    "nfs_server_anon_gid": None,
-}
+# Hosts in this group run `configure_nfs_server` (deploy.py): only they export anything.
+STORAGE_GROUP = "storage"
 
 # The anonymous user and group per family and major version.
 ANON: dict[str, tuple[str, str, int]] = {
@@ -48,8 +41,6 @@ GANESHA_PACKAGES: dict[str, list[str]] = {
 }
 EXPORTS_FILE = "/etc/exports.d/dockyard.exports"
 GANESHA_CONF = "/etc/ganesha/ganesha.conf"
-_CLIENT = re.compile(r"^[A-Za-z0-9.:/*?_-]+$")
-_OPTION = re.compile(r"^[a-z_]+(=[A-Za-z0-9_.:/@-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -83,47 +74,26 @@ def fleet_addresses() -> list[str]:
     return sorted(out)
 
 
-def plan_exports(distro: Distro, data: Any, default_clients: list[str]) -> list[Export]:
-    """Validate the exports' data and fill in defaults (pure; tested with fake data)."""
+def plan_exports(
+    distro: Distro, server: NfsServerSettings, default_clients: list[str]
+) -> list[Export]:
+    """Fill in the validated exports' per-distro defaults (pure; tested with fake data)."""
     anon_user, anon_group, anon_id = anonymous(distro)
-    uid = int(data.get("nfs_server_anon_uid") or anon_id)
-    gid = int(data.get("nfs_server_anon_gid") or anon_id)
-    raw = data.get("nfs_server_exports")
-    exports_data = DEFAULTS["nfs_server_exports"] if raw is None else raw
-    if not isinstance(exports_data, list):
-        raise DeployError(f"nfs_server_exports must be a list of mappings, got {exports_data!r}")
+    uid = anon_id if server.anon_uid is None else server.anon_uid
+    gid = anon_id if server.anon_gid is None else server.anon_gid
     out = []
-    for item in exports_data:
-        if not isinstance(item, dict) or not str(item.get("path", "")).startswith("/"):
-            raise DeployError(f"each NFS export needs an absolute path: {item!r}")
-        path = str(item["path"]).rstrip("/") or "/"
-        if path in ("/", "/etc", "/root", "/var", "/usr", "/home"):
-            raise DeployError(f"refusing to export {path}: export a dedicated directory")
-        clients = item.get("clients") or default_clients
+    for spec in server.exports:
+        clients = list(spec.clients or default_clients)
         if not clients:
-            raise DeployError(f"export {path}: no clients (the inventory has no addresses)")
-        for client in clients:
-            if not _CLIENT.match(str(client)):
-                raise DeployError(f"export {path}: client {client!r} is not a host, IP or CIDR")
+            raise DeployError(f"export {spec.path}: no clients (the inventory has no addresses)")
         if "*" in clients:
             logger.warning(
-                f"NFS export {path} is open to every client ('*'): set clients to "
+                f"NFS export {spec.path} is open to every client ('*'): set clients to "
                 "your fleet's addresses unless that is intended"
             )
-        options = item.get("options") or (
+        options = spec.options or (
             f"rw,sync,all_squash,no_subtree_check,anonuid={uid},anongid={gid}"
         )
-        for option in options.split(","):
-            if not _OPTION.match(option):
-                raise DeployError(f"export {path}: option {option!r} is not valid")
-        mode = str(item.get("mode") or "0750")
-        if not re.fullmatch(r"0?[0-7]{3,4}", mode):
-            raise DeployError(f"export {path}: mode {mode!r} is not an octal mode like 0750")
-        if int(mode, 8) & 0o002:
-            raise DeployError(
-                f"export {path}: mode {mode} is world-writable; exports are owned by the "
-                f"anonymous user ({anon_user}) instead (use 0750 or 0770)"
-            )
         opts = options.split(",")
         squash = (
             "All_Squash"
@@ -135,13 +105,13 @@ def plan_exports(distro: Distro, data: Any, default_clients: list[str]) -> list[
         values = dict(o.split("=", 1) for o in opts if "=" in o)
         out.append(
             Export(
-                path=path,
-                clients=[str(c) for c in clients],
+                path=spec.path,
+                clients=clients,
                 options=options,
-                owner=str(item.get("owner") or anon_user),
-                group=str(item.get("group") or anon_group),
-                mode=mode,
-                pseudo=str(item.get("pseudo") or path),
+                owner=spec.owner or anon_user,
+                group=spec.group or anon_group,
+                mode=spec.mode,
+                pseudo=spec.pseudo or spec.path,
                 access="RW" if "rw" in opts else "RO",
                 squash=squash,
                 anonuid=int(values.get("anonuid", uid)),
@@ -151,24 +121,22 @@ def plan_exports(distro: Distro, data: Any, default_clients: list[str]) -> list[
     return out
 
 
-def choose_impl(data: Any, kernel_server: bool) -> str:
-    impl = data.get("nfs_server_impl")
+def choose_impl(impl: Optional[str], kernel_server: bool) -> str:
+    """The NFS server to run: `nfs_server_impl`, or the kernel's where it has nfsd."""
     if impl is None:
         return "kernel" if kernel_server else "ganesha"
-    if impl not in ("kernel", "ganesha"):
-        raise DeployError(f"nfs_server_impl={impl!r} is not valid; valid: kernel, ganesha")
     if impl == "kernel" and not kernel_server:
         raise DeployError(
             "nfs_server_impl='kernel' but this kernel has no NFS server (nfsd); use 'ganesha'"
         )
-    return str(impl)
+    return impl
 
 
 def current_exports() -> list[Export]:
-    return plan_exports(current_distro(), host.data, fleet_addresses())
+    return plan_exports(current_distro(), settings.nfs_server(), fleet_addresses())
 
 
-@deploy("Export NFS volumes", data_defaults=DEFAULTS)
+@deploy("Export NFS volumes")
 def configure_nfs_server() -> None:
     """
     Export directories over NFS to the fleet, owned by the anonymous user.
@@ -188,7 +156,7 @@ def configure_nfs_server() -> None:
     if distro.family not in KERNEL_SERVER:
         raise unsupported("The NFS server deploy", distro)
     exports = current_exports()
-    impl = choose_impl(host.data, host.get_fact(KernelNfs)["server"])
+    impl = choose_impl(settings.nfs_server().impl, host.get_fact(KernelNfs)["server"])
     packages = (
         KERNEL_SERVER[distro.family]["packages"]
         if impl == "kernel"
@@ -248,10 +216,12 @@ def configure_nfs_server() -> None:
     )
 
 
-def exports_for_registry() -> Optional[Export]:
-    """The export the registry's data lives in on this host, if any (lab topology)."""
-    data_dir = str(host.data.get("registry_data_dir") or "")
+def export_holding(path: str) -> Optional[Export]:
+    """The export of this host that holds `path`, if any. Only hosts in the `storage` group
+    export: on any other host there is none, whatever the NFS server's defaults say."""
+    if STORAGE_GROUP not in host.groups:
+        return None
     for export in current_exports():
-        if data_dir == export.path or data_dir.startswith(export.path + "/"):
+        if path == export.path or path.startswith(export.path.rstrip("/") + "/"):
             return export
     return None

@@ -1,19 +1,47 @@
-"""Custom pyinfra operations where none of pyinfra's own fit: writing daemon.json safely (validate,
-restart, verify, roll back), giving the data root a backing store, and failing one host with a
-clear reason. Each reads facts when it runs and calls `host.noop` when nothing changes."""
+"""Every custom pyinfra operation of dockyard, where none of pyinfra's own fit: daemon.json written
+safely (validate, restart, verify, roll back), the data root's backing store, fstab lines, NFS
+mounts, the registry's guard, container and service, files of the control machine's PKI, and
+failing one host with a clear reason. Each reads facts when it runs, calls `host.noop` when
+nothing changes, shows content diffs with `--diff`, and changes nothing on the control machine
+unless operations execute (never in `--dry`). Each has JSON specs in tests/operations/specs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shlex
-from collections.abc import Callable
+from collections.abc import Generator
 from io import StringIO
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, cast
 
-from pyinfra import host
-from pyinfra.api import FileUploadCommand, StringCommand, operation
+from pyinfra import host, logger, state
+from pyinfra.api import (
+    FileUploadCommand,
+    FunctionCommand,
+    OperationValueError,
+    StringCommand,
+    operation,
+)
+from pyinfra.api.output import format_text
+from pyinfra.context import ctx_state
+from pyinfra.facts.files import FileContents
+from pyinfra.facts.server import Mounts
+from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
+from pyinfra.operations import files
+from pyinfra.operations.util.files import generate_color_diff
 
-from dockyard_deploys.facts import BlockDevice, DockerEngine, JsonFile
+from dockyard import pki
+from dockyard_deploys import wheelhouse as wheels
+from dockyard_deploys.facts import (
+    BlockDevice,
+    DockerEngine,
+    DockerImagePresent,
+    JsonFile,
+    KernelNfs,
+    RegistryContainer,
+)
 
 # Seconds the engine gets to answer `docker info` after a restart before it is rolled back.
 ENGINE_READY_TIMEOUT = 60
@@ -99,24 +127,50 @@ def apply_script(path: str, staged: str, expect_driver: str, timeout: int) -> st
     )
 
 
-@operation()
-def daemon_json(
-    keys: Callable[[dict[str, Any]], dict[str, Any]],
-    path: str = "/etc/docker/daemon.json",
-):
-    """
-    Merge managed keys into daemon.json, validate, restart the engine only on change, verify the
-    storage driver it reports and roll back to the previous file when it does not come up.
+def _diff_wanted() -> bool:
+    """Whether the run shows content diffs (`pyinfra … --diff`)."""
+    return ctx_state.isset() and bool(state.config.DIFF)
 
-    + keys: given the current content, returns the managed keys (None removes a key); called
-      when the operation runs. Their "storage-driver" is what `docker info` must report
-      afterwards; without one (the storage configuration was refused) nothing is written.
+
+def _executing() -> bool:
+    """Whether operations run now (not while pyinfra prepares, detects changes or does `--dry`):
+    the only time a deploy may change anything on the control machine."""
+    return ctx_state.isset() and bool(state.is_executing)
+
+
+def show_diff(path: str, current: Optional[list[str]], desired: str) -> None:
+    """Print the content diff of `path` as `files.put` does with `--diff`."""
+    if not _diff_wanted():
+        return
+    verb = "modify" if current is not None else "create"
+    host.log(f"Will {verb} {format_text(path, bold=True)}", logger.info)
+    for line in generate_color_diff(
+        [line + "\n" for line in current or []], desired.splitlines(keepends=True)
+    ):
+        logger.info("  %s", line)
+    logger.info("")
+
+
+@operation()
+def daemon_json(path: str = "/etc/docker/daemon.json", options: Optional[dict[str, Any]] = None):
+    """
+    Merge every concern's keys and ``options`` into daemon.json, validate, restart the engine only
+    on change, verify the storage driver it reports and roll back to the previous file when it
+    does not come up.
+
     + path: the daemon configuration file
+    + options: free-form keys (``docker_daemon_options``); a key a concern manages must agree
+      with it, or the host fails naming both
+    Keys set by hand in the file are kept. The contributors are ``docker_daemon.CONTRIBUTORS``,
+    asked when the operation runs (after the engine is installed); when one refuses (the
+    storage configuration), nothing is written and the host fails with the reason.
 
     .. code:: python
 
-        daemon_json(keys=lambda current: {"storage-driver": "overlay2"})
+        daemon_json(path="/etc/docker/daemon.json", options={"log-driver": "journald"})
     """
+    from dockyard_deploys.docker_daemon import DaemonConfigRefused, desired_config
+
     current = host.get_fact(JsonFile, path=path)
     if current["error"]:
         yield fail_command(
@@ -124,21 +178,68 @@ def daemon_json(
             "fix or remove it, then deploy again"
         )
         return
-    wanted = keys(current["content"] or {})
-    driver = wanted.get("storage-driver")
-    if not driver:
-        host.noop(f"{path} left as it is: the storage configuration was refused")
+    try:
+        merged, driver = desired_config(current["content"] or {}, dict(options or {}))
+    except DaemonConfigRefused as exc:
+        yield fail_command(str(exc))
         return
-    merged = merge_config(current["content"] or {}, wanted)
     engine = host.get_fact(DockerEngine)
     healthy = bool(engine and engine["running"] and engine["driver"] == driver)
     if current["exists"] and merged == current["content"] and healthy:
         host.noop(f"{path} is up to date and the engine runs {driver}")
         return
+    content = render_json(merged)
+    if not (current["exists"] and merged == current["content"]):
+        show_diff(
+            path, host.get_fact(FileContents, path=path) if current["exists"] else None, content
+        )
     staged = f"{path}.dockyard-new"
     yield StringCommand(f"mkdir -p {shlex.quote(path.rsplit('/', 1)[0] or '/')}")
-    yield FileUploadCommand(StringIO(render_json(merged)), staged)
+    yield FileUploadCommand(StringIO(content), staged)
     yield StringCommand(apply_script(path, staged, driver, ENGINE_READY_TIMEOUT))
+
+
+@operation()
+def fstab_entry(mountpoint: str, line: str, path: str = "/etc/fstab"):
+    """
+    One fstab line per mount point: replaced when it differs, added when missing, never
+    duplicated; the change is shown with ``--diff``.
+
+    + mountpoint: the mount point the line is for (its second field)
+    + line: the whole fstab line
+    + path: the fstab file
+
+    .. code:: python
+
+        fstab_entry(mountpoint="/var/lib/docker",
+                    line="/srv/d.img /var/lib/docker btrfs defaults,loop 0 0")
+    """
+    current = host.get_fact(FileContents, path=path) or []
+    matching = [i for i, text in enumerate(current) if _fstab_target(text) == mountpoint]
+    if len(matching) == 1 and current[matching[0]] == line:
+        host.noop(f"{path} mounts {mountpoint} as wanted")
+        return
+    desired = [text for i, text in enumerate(current) if i not in matching[1:]]
+    if matching:
+        desired[matching[0]] = line
+    else:
+        desired.append(line)
+    if not matching:
+        # files.line shows its own diff when it replaces a line, none when it appends one.
+        show_diff(path, current, "".join(text + "\n" for text in desired))
+    yield from files.line._inner(
+        path=path,
+        line=rf"^\S+\s+{re.escape(mountpoint)}\s+.*$",
+        replace=line,
+        extended_regex=True,
+    )
+
+
+def _fstab_target(text: str) -> Optional[str]:
+    fields = text.split()
+    if len(fields) < 2 or fields[0].startswith("#"):
+        return None
+    return fields[1]
 
 
 _MKFS: dict[str, str] = {
@@ -189,4 +290,279 @@ def data_root_device(device: str, fstype: str, mountpoint: str, size: Optional[s
     yield StringCommand(
         "systemctl stop docker.socket docker.service >/dev/null 2>&1 || true; "
         f"mkdir -p {q(mountpoint)} && mount {q(mountpoint)}"
+    )
+
+
+@operation()
+def storage_driver_check():
+    """
+    Decide the storage driver from facts when the operation runs, print it with the reason, and
+    fail the host with a clear error when it cannot take the requested configuration.
+
+    .. code:: python
+
+        storage_driver_check(name="Choose the Docker storage driver")
+    """
+    from dockyard_deploys.docker_storage import StorageRefused, current_plan
+
+    try:
+        plan = current_plan()
+    except StorageRefused as exc:
+        yield fail_command(str(exc))
+        return
+    host.noop(f"storage driver {plan.driver} ({plan.reason})")
+
+
+@operation()
+def mount_now(path: str):
+    """
+    Mount an fstab entry now when the kernel has an NFS client; say so when it has none.
+
+    + path: the mount point (as in /etc/fstab)
+
+    .. code:: python
+
+        mount_now(path="/mnt/registry")
+    """
+    mounts = host.get_fact(Mounts)
+    if path in mounts:
+        host.noop(f"{path} is mounted")
+        return
+    if not host.get_fact(KernelNfs)["client"]:
+        logger.warning(
+            f"{host.print_prefix}the kernel has no NFS client: only /etc/fstab was written for "
+            f"{path} (it mounts at boot on a kernel with NFS)"
+        )
+        host.noop(f"{path}: fstab written, not mounted (no NFS client in the kernel)")
+        return
+    yield f"mount {path} || {{ echo 'dockyard: mounting {path} failed' >&2; exit 1; }}"
+
+
+@operation()
+def require_nfs_backed(path: str, exported: bool):
+    """
+    Fail the host unless `path` is an export of this host or on an NFS mount.
+
+    + path: the registry's data directory
+    + exported: whether the path lies in one of this host's NFS exports (only hosts in the
+      ``storage`` group export)
+
+    .. code:: python
+
+        require_nfs_backed(path="/mnt/registry", exported=False)
+    """
+    if exported:
+        host.noop(f"{path} is exported by this host")
+        return
+    mounts: dict[str, Any] = dict(cast(Any, host.get_fact)(Mounts) or {})
+    best = max(
+        (m for m in mounts if path == m or path.startswith(m.rstrip("/") + "/")),
+        key=len,
+        default="/",
+    )
+    if mounts.get(best, {}).get("type") in ("nfs", "nfs4"):
+        host.noop(f"{path} is on the NFS mount {best}")
+        return
+    yield fail_command(
+        f"registry_data_dir {path} is not NFS-backed (it is on {best}, not an NFS mount or an "
+        "export of this host): the registry is not started, it would write to the local disk; "
+        "mount the export (nfs_client_mounts) or set registry_nfs_backed=false"
+    )
+
+
+REGISTRY_CONTAINER = "dockyard-registry"
+
+
+@operation()
+def registry_container(
+    image: str,
+    archive: Optional[str],
+    run_args: list[str],
+    digest: str,
+    local_files: Optional[list[str]] = None,
+):
+    """
+    Run the registry container; recreate it when its configuration hash changed or it is gone.
+
+    + image: the registry image
+    + archive: an image archive on the host to `docker load` when the image is missing
+    + run_args: `docker run` arguments before the image
+    + digest: hash of what the container depends on (config, users, image, port)
+    + local_files: control-machine files (certificate, key) hashed into the label when the
+      operation runs — after they were issued, never in a dry run
+
+    .. code:: python
+
+        registry_container(image="registry:2", archive=None, run_args=["-p", "5443:5000"],
+                           digest="3f2a...")
+    """
+    hasher = hashlib.sha256(digest.encode())
+    for local in local_files or []:
+        source = Path(local).expanduser()
+        hasher.update(source.read_bytes() if source.is_file() else b"(missing)")
+    label = hasher.hexdigest()[:32]
+    current = host.get_fact(RegistryContainer)
+    if current and current["running"] and current["hash"] == label:
+        host.noop(f"{REGISTRY_CONTAINER} runs with this configuration")
+        return
+    if not host.get_fact(DockerImagePresent, image=image):
+        if archive:
+            yield f"docker load -i {shlex.quote(archive)}"
+        else:
+            yield f"docker pull {shlex.quote(image)}"
+    if current:
+        yield f"docker rm -f {REGISTRY_CONTAINER}"
+    args = " ".join(shlex.quote(a) for a in run_args)
+    yield (
+        f"docker run -d --name {REGISTRY_CONTAINER} --restart always "
+        f"--label dockyard.hash={label} {args} {shlex.quote(image)}"
+    )
+
+
+@operation()
+def remove_registry_container():
+    """
+    Remove the registry container when the bundled core serves instead.
+
+    .. code:: python
+
+        remove_registry_container()
+    """
+    if host.get_fact(RegistryContainer):
+        yield f"docker rm -f {REGISTRY_CONTAINER}"
+    else:
+        host.noop(f"no {REGISTRY_CONTAINER} container")
+
+
+@operation()
+def stop_registry_service():
+    """
+    Stop and disable the bundled core's service when a container serves instead.
+
+    .. code:: python
+
+        stop_registry_service()
+    """
+    status = host.get_fact(SystemdStatus)
+    enabled = host.get_fact(SystemdEnabled)
+    unit = "dockyard-registry.service"
+    if status.get(unit) or enabled.get(unit):
+        yield f"systemctl disable --now {unit}"
+    else:
+        host.noop(f"{unit} is not running")
+
+
+def pki_pending(pki_dir: str, kind: str, leaf: str, dns: list[str], ips: list[str]) -> str:
+    """Why the control machine's PKI would create or issue something for this file ("" when it
+    is there and valid), by `dockyard.pki`'s own rules, read-only: for change detection and
+    `--dry`."""
+    if kind == "ca":
+        return pki.pending(pki_dir)
+    return pki.pending(pki_dir, leaf, dns, ips, server=kind == "server")
+
+
+def pki_source(pki_dir: str, kind: str, leaf: str, part: str) -> Path:
+    """The control-machine file a PKI upload sends."""
+    base = Path(pki_dir).expanduser()
+    if kind == "ca":
+        return base / "ca.crt"
+    return base / f"{leaf}.{'crt' if part == 'cert' else 'key'}"
+
+
+@operation()
+def pki_file(
+    pki_dir: str,
+    kind: str,
+    dest: str,
+    leaf: str = "",
+    part: str = "cert",
+    dns: Optional[list[str]] = None,
+    ips: Optional[list[str]] = None,
+    user: Optional[str] = None,
+    group: Optional[str] = None,
+    mode: str = "0644",
+):
+    """
+    Upload a file of the fleet PKI kept on the control machine (the CA's key never leaves it).
+    The CA is created and the certificate issued (or reissued: missing, expiring, names changed,
+    another CA) only when operations execute; while pyinfra prepares or runs ``--dry`` nothing
+    is created: the run says what would be issued.
+
+    + pki_dir: control-machine PKI directory
+    + kind: ``ca`` (its certificate), ``server`` or ``client`` (a leaf certificate)
+    + dest: path on the host
+    + leaf: the leaf certificate's name (``registry-<host>``, ``client-<host>``)
+    + part: ``cert`` or ``key`` of a leaf
+    + dns, ips: a server certificate's subjectAltNames
+    + user, group, mode: of the file on the host
+
+    .. code:: python
+
+        pki_file(pki_dir="~/.local/share/dockyard/pki", kind="ca",
+                 dest="/etc/docker/certs.d/reg:5443/ca.crt", mode="0444")
+    """
+    if (
+        kind not in ("ca", "server", "client")
+        or part not in ("cert", "key")
+        or (kind == "ca" and part != "cert")
+    ):
+        raise OperationValueError(f"pki_file: kind={kind!r} part={part!r} is not valid")
+    dns, ips = list(dns or []), list(ips or [])
+    source = pki_source(pki_dir, kind, leaf, part)
+    if _executing():
+        if kind == "ca":
+            pki.ensure_ca(pki_dir)
+        elif kind == "server":
+            pki.ensure_server_cert(pki_dir, leaf, dns, ips)
+        else:
+            pki.ensure_client_cert(pki_dir, leaf)
+    else:
+        pending = pki_pending(pki_dir, kind, leaf, dns, ips)
+        if pending:
+            what = "create the fleet CA" if kind == "ca" else f"issue {leaf}.crt ({pending})"
+            host.log(
+                f"would {what} in {pki_dir} on this machine and push {source.name} to {dest} "
+                "(nothing is created before operations run)",
+                logger.info,
+            )
+            yield FileUploadCommand(str(source), dest)
+            return
+    yield from files.put._inner(src=str(source), dest=dest, user=user, group=group, mode=mode)
+
+
+@operation()
+def sync_wheelhouse(
+    version: str, machine: str, cache: str, dest: str
+) -> Generator[Any, None, None]:
+    """
+    Sync the control machine's wheelhouse for Python `version` on `machine` to `dest`, building
+    it first if it is not cached. The build happens only while operations execute: change
+    detection (and so `pyinfra --dry`) reports a change and creates nothing on the control machine.
+
+    + version: the host's Python version (``3.11``)
+    + machine: the host's architecture (``x86_64``)
+    + cache: control-machine cache of wheelhouses
+    + dest: directory on the host
+
+    Example:
+
+    .. code:: python
+
+        sync_wheelhouse(
+            name="Push the dockyard wheelhouse",
+            version="3.11", machine="x86_64",
+            cache="~/.cache/dockyard/wheelhouse", dest="/opt/dockyard/wheelhouse",
+        )
+    """
+    if not wheels.wheelhouse_ready(version, machine, cache):
+        if not state.is_executing:
+            # Only iterated to detect a change: this command never runs.
+            yield FunctionCommand(wheels.build_wheelhouse, (version, machine, cache), {})
+            return
+        wheels.build_wheelhouse(version, machine, cache)
+    yield from files.sync._inner(
+        src=str(wheels.wheelhouse_path(version, machine, cache)),
+        dest=dest,
+        delete=True,
+        exclude=".complete",
     )

@@ -1,10 +1,13 @@
 """The registry's TLS material: issued on the control machine by `dockyard.pki` (the CA key never
 leaves it) and pushed to registry hosts — certificate 0644, key 0600 — with the fleet CA for
-client-certificate checks. Reissued only when missing, expiring or renamed."""
+client-certificate checks. Reissued only when missing, expiring or renamed, and only when
+operations execute: a `--dry` run creates nothing and says what it would issue. Settings:
+`settings.PkiSettings` (`registry_pki_dir`, `registry_names`, `registry_certs_dir`)."""
 
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Any
 
 from pyinfra import host
@@ -12,18 +15,10 @@ from pyinfra.api import deploy
 from pyinfra.facts.server import Hostname
 from pyinfra.operations import files
 
-from dockyard import pki
+from dockyard_deploys import settings
 from dockyard_deploys.common import current_distro
 from dockyard_deploys.nfs_server import anonymous
-
-DEFAULTS: dict[str, Any] = {
-    # Control-machine directory of the fleet CA and issued certificates (0700, CA key 0600).
-    "registry_pki_dir": "~/.local/share/dockyard/pki",
-    # Extra DNS names and IPs for the registry certificate (its address and hostname are in).
-    "registry_names": [],
-    # Directory of the registry's certificate, key and the CA on registry hosts.
-    "registry_certs_dir": "/etc/dockyard/registry/certs",
-}
+from dockyard_deploys.operations import pki_file, pki_source
 
 
 def registry_names() -> tuple[list[str], list[str]]:
@@ -34,7 +29,8 @@ def registry_names() -> tuple[list[str], list[str]]:
         str(host.data.get("ssh_hostname") or host.name),
         host.name,
         str(host.get_fact(Hostname) or ""),
-    ] + list(host.data.get("registry_names") or [])
+        *settings.pki().names,
+    ]
     for name in candidates:
         if not name:
             continue
@@ -45,17 +41,23 @@ def registry_names() -> tuple[list[str], list[str]]:
     return sorted(set(dns)), sorted(set(ips))
 
 
-def issue() -> pki.Issued:
-    dns, ips = registry_names()
-    return pki.ensure_server_cert(
-        str(host.data.get("registry_pki_dir")), f"registry-{host.name}", dns, ips
-    )
+def leaf_name() -> str:
+    """The name of this host's registry certificate in the PKI directory."""
+    return f"registry-{host.name}"
 
 
-@deploy("Install the registry's TLS certificate", data_defaults=DEFAULTS)
+def issued_files() -> list[Path]:
+    """The control-machine certificate and key of this host's registry (issued when operations
+    execute; they may not exist while pyinfra prepares)."""
+    pki_dir = settings.pki().pki_dir
+    return [pki_source(pki_dir, "server", leaf_name(), part) for part in ("cert", "key")]
+
+
+@deploy("Install the registry's TLS certificate")
 def install_registry_certificate() -> list[Any]:
     """
-    Issue (on the control machine) and push the registry server certificate and key.
+    Issue (on the control machine, when operations execute) and push the registry server
+    certificate and key, and the fleet CA certificate.
 
     + registry_pki_dir: control-machine PKI directory
     + registry_names: extra subjectAltNames
@@ -68,29 +70,35 @@ def install_registry_certificate() -> list[Any]:
         from dockyard_deploys.registry_pki import install_registry_certificate
         install_registry_certificate()
     """
-    issued = issue()
-    certs = str(host.data.get("registry_certs_dir"))
-    ca_cert, _ = pki.ensure_ca(str(host.data.get("registry_pki_dir")))
+    pki = settings.pki()
+    dns, ips = registry_names()
+    certs = pki.certs_dir
     owner, group, _ = anonymous(current_distro())
     files.directory(name=f"Create {certs}", path=certs, mode="0755", present=True)
+    leaf: dict[str, Any] = {"pki_dir": pki.pki_dir, "leaf": leaf_name(), "dns": dns, "ips": ips}
     return [
-        files.put(
+        pki_file(
             name="Push the registry certificate",
-            src=str(issued.cert),
+            kind="server",
+            part="cert",
             dest=f"{certs}/registry.crt",
             mode="0644",
+            **leaf,
         ),
-        files.put(
+        pki_file(
             name=f"Push the registry key (0600, owned by {owner}, the registry's user)",
-            src=str(issued.key),
+            kind="server",
+            part="key",
             dest=f"{certs}/registry.key",
             user=owner,
             group=group,
             mode="0600",
+            **leaf,
         ),
-        files.put(
+        pki_file(
             name="Push the fleet CA certificate (never its key)",
-            src=str(ca_cert),
+            pki_dir=pki.pki_dir,
+            kind="ca",
             dest=f"{certs}/ca.crt",
             mode="0644",
         ),

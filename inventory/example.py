@@ -1,6 +1,8 @@
 """A production-shaped inventory: real hosts over ssh, grouped by role. Copy it, put your own
 addresses in, and run `pyinfra inventory/prod.py deploy.py`. Per-host data overrides the
-defaults documented in the README (data keys are prefixed with their concern)."""
+defaults documented in the README (data keys are prefixed with their concern; each concern's
+settings are validated in dockyard_deploys/settings.py). The topology is the seed's: an NFS
+server, a registry host that mounts its export, and Docker hosts — different hosts."""
 
 _ssh = {"ssh_user": "deploy", "_sudo": True, "ssh_known_hosts_file": "~/.ssh/known_hosts"}
 
@@ -25,5 +27,17 @@ docker_hosts = [
 # The NFS server that holds persistent volumes and the registry's data (tier 2).
 storage = [("nfs-01.example.net", {**_ssh})]
 
-# The host that runs the TLS registry (tier 3).
-registry = [("registry-01.example.net", {**_ssh})]
+# The host that runs the TLS registry (tier 3). It is not in `storage`, so its data must be on
+# an NFS mount of the storage host's export (the registry refuses to start on a local disk).
+registry = [
+    (
+        "registry-01.example.net",
+        {
+            **_ssh,
+            "nfs_client_mounts": [
+                {"src": "nfs-01.example.net:/srv/exports/registry", "path": "/srv/registry"}
+            ],
+            "registry_data_dir": "/srv/registry",
+        },
+    )
+]

@@ -68,11 +68,11 @@ def run_deploy(*extra: str) -> DeployRun:
     return DeployRun(proc.returncode, results, proc.stderr)
 
 
-def _dockyard(*args: str) -> str:
+def _lab(*args: str) -> str:
     proc = subprocess.run(
-        [str(BIN / "dockyard"), *args], env=ENV, capture_output=True, text=True, check=False
+        [str(BIN / "dockyard-lab"), *args], env=ENV, capture_output=True, text=True, check=False
     )
-    assert proc.returncode == 0, f"dockyard {' '.join(args)} failed:\n{proc.stderr}"
+    assert proc.returncode == 0, f"dockyard-lab {' '.join(args)} failed:\n{proc.stderr}"
     return proc.stdout
 
 
@@ -85,12 +85,12 @@ REUSE = bool(os.environ.get("DOCKYARD_REUSE_LAB"))
 def lab() -> Any:
     """A fresh test lab (hosts as debootstrap left them, images from the cache)."""
     if not REUSE:
-        _dockyard("lab", "down")
-    _dockyard("lab", "up")
-    hosts = json.loads(_dockyard("lab", "status", "--json"))
+        _lab("down")
+    _lab("up")
+    hosts = json.loads(_lab("status", "--json"))
     yield hosts
     if not os.environ.get("DOCKYARD_KEEP_LAB"):
-        _dockyard("lab", "down")
+        _lab("down")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from dockyard import defaults
+from dockyard_lab import defaults
 from tests.fleet.conftest import LAB_NAME, run_deploy
 from tests.helpers import docker_import
 
@@ -292,7 +292,7 @@ def test_upstream_registry_image_from_an_archive(
     after docker rm -f with the data intact; then back to the bundled core."""
     archive = tmp_path / "registry.tar"
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "dockyard"), "lab", "registry-archive", str(archive)],
+        [str(Path(sys.executable).parent / "dockyard-lab"), "registry-archive", str(archive)],
         capture_output=True,
         text=True,
         timeout=300,

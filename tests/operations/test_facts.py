@@ -5,9 +5,11 @@ from __future__ import annotations
 from dockyard_deploys.facts import (
     BlockDevice,
     DockerEngine,
+    DockerImagePresent,
     JsonFile,
     KernelFilesystems,
     PathFilesystem,
+    RegistryContainer,
 )
 
 
@@ -92,3 +94,17 @@ def test_block_device_states() -> None:
 
 def test_block_device_command_refuses_without_blkid() -> None:
     assert "blkid (util-linux) is missing" in BlockDevice().command("/dev/vdb")
+
+
+def test_registry_container_states() -> None:
+    assert RegistryContainer().process([]) is None
+    assert RegistryContainer().process(["true|3f2a"]) == {"running": True, "hash": "3f2a"}
+    assert RegistryContainer().process(["false|"]) == {"running": False, "hash": ""}
+    assert "dockyard-registry" in RegistryContainer().command()
+
+
+def test_docker_image_present() -> None:
+    assert DockerImagePresent().process(["yes"]) is True
+    assert DockerImagePresent().process(["no"]) is False
+    assert "docker image inspect 'registry:2'" not in DockerImagePresent().command("registry:2")
+    assert "docker image inspect registry:2 " in DockerImagePresent().command("registry:2")

@@ -15,12 +15,21 @@ from pyinfra.api import DeployError
 from dockyard_deploys import registry_trust
 from dockyard_deploys.common import Distro
 from dockyard_deploys.facts import KernelNfs
-from dockyard_deploys.nfs_client import plan_mounts
-from dockyard_deploys.nfs_server import choose_impl, plan_exports
+from dockyard_deploys.nfs_server import choose_impl
+from dockyard_deploys.nfs_server import plan_exports as _plan_exports
 from dockyard_deploys.registry import htpasswd_content
+from dockyard_deploys.settings import NfsClientSettings, NfsMount, NfsServerSettings, SettingsError
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "dockyard_deploys" / "templates"
 FLEET = ["10.1.0.11", "10.1.0.12"]
+
+
+def plan_exports(d: Distro, data: dict[str, Any], clients: list[str]) -> Any:
+    return _plan_exports(d, NfsServerSettings.from_data(data), clients)
+
+
+def plan_mounts(data: dict[str, Any]) -> list[NfsMount]:
+    return list(NfsClientSettings.from_data(data).mounts)
 
 
 def distro(distro_id: str, version: str) -> Distro:
@@ -115,13 +124,13 @@ def test_kernel_nfs_fact(output: list[str], server: bool, client: bool) -> None:
 
 
 def test_server_implementation_choice() -> None:
-    assert choose_impl({}, kernel_server=True) == "kernel"
-    assert choose_impl({}, kernel_server=False) == "ganesha"
-    assert choose_impl({"nfs_server_impl": "ganesha"}, kernel_server=True) == "ganesha"
+    assert choose_impl(None, kernel_server=True) == "kernel"
+    assert choose_impl(None, kernel_server=False) == "ganesha"
+    assert choose_impl("ganesha", kernel_server=True) == "ganesha"
     with pytest.raises(DeployError, match="this kernel has no NFS server"):
-        choose_impl({"nfs_server_impl": "kernel"}, kernel_server=False)
-    with pytest.raises(DeployError, match="valid: kernel, ganesha"):
-        choose_impl({"nfs_server_impl": "knfsd"}, kernel_server=True)
+        choose_impl("kernel", kernel_server=False)
+    with pytest.raises(SettingsError, match="valid: kernel, ganesha"):
+        NfsServerSettings.from_data({"nfs_server_impl": "knfsd"})
 
 
 def test_mount_plans() -> None:
@@ -202,105 +211,6 @@ def test_htpasswd_is_bcrypt_and_stable() -> None:
     assert "ci:" not in changed and changed != first
     with pytest.raises(DeployError, match="needs a name without ':'"):
         htpasswd_content({"a:b": "x"}, "")
-
-
-def _ops(op: Any, facts: dict[type, Any], **kwargs: Any) -> tuple[list[str], list[str]]:
-    from tests.operations.fakes import FakeHost, as_current
-
-    fake = FakeHost(facts)
-    with as_current(fake):
-        return [str(c) for c in op._inner(**kwargs)], fake.noops
-
-
-def test_mount_now_mounts_when_the_kernel_can() -> None:
-    from pyinfra.facts.server import Mounts
-
-    from dockyard_deploys.nfs_client import mount_now
-
-    commands, _ = _ops(
-        mount_now, {Mounts: {}, KernelNfs: ["server=no client=yes"]}, path="/mnt/registry"
-    )
-    assert commands == [
-        "mount /mnt/registry || { echo 'dockyard: mounting /mnt/registry failed' >&2; exit 1; }"
-    ]
-    commands, noops = _ops(
-        mount_now,
-        {Mounts: {"/mnt/registry": {"type": "nfs4"}}, KernelNfs: ["server=no client=yes"]},
-        path="/mnt/registry",
-    )
-    assert commands == [] and "is mounted" in noops[0]
-
-
-def test_mount_now_says_only_fstab_without_a_kernel_client(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    from pyinfra.facts.server import Mounts
-
-    from dockyard_deploys.nfs_client import mount_now
-
-    with caplog.at_level("WARNING"):
-        commands, noops = _ops(
-            mount_now, {Mounts: {}, KernelNfs: ["server=no client=no"]}, path="/mnt/registry"
-        )
-    assert commands == [] and "not mounted" in noops[0]
-    assert "only /etc/fstab was written for /mnt/registry" in caplog.text
-
-
-@pytest.mark.parametrize(
-    ("mounts", "exported", "refused"),
-    [
-        ({"/": {"type": "ext4"}}, True, False),
-        ({"/": {"type": "ext4"}, "/srv/reg": {"type": "nfs4"}}, False, False),
-        ({"/": {"type": "ext4"}, "/srv": {"type": "nfs"}}, False, False),
-        ({"/": {"type": "ext4"}}, False, True),
-        ({"/": {"type": "ext4"}, "/srv/reg": {"type": "xfs"}}, False, True),
-    ],
-)
-def test_registry_only_on_nfs_backed_storage(
-    mounts: dict[str, Any], exported: bool, refused: bool
-) -> None:
-    from pyinfra.facts.server import Mounts
-
-    from dockyard_deploys.registry import require_nfs_backed
-
-    commands, _ = _ops(
-        require_nfs_backed, {Mounts: mounts}, path="/srv/reg/data", exported=exported
-    )
-    assert bool(commands) == refused
-    if refused:
-        assert "is not NFS-backed" in commands[0] and "exit 1" in commands[0]
-
-
-@pytest.mark.parametrize(
-    ("container", "image_present", "expected"),
-    [
-        (["true|abc"], True, []),
-        (["true|old"], True, ["docker rm -f dockyard-registry", "docker run"]),
-        (["false|abc"], True, ["docker rm -f dockyard-registry", "docker run"]),
-        ([], True, ["docker run"]),
-        ([], False, ["docker load -i /var/lib/dockyard/images/x.tar", "docker run"]),
-    ],
-)
-def test_registry_container_is_recreated_only_on_change(
-    container: list[str], image_present: bool, expected: list[str]
-) -> None:
-    from dockyard_deploys.registry import DockerImagePresent, RegistryContainer, registry_container
-
-    commands, _ = _ops(
-        registry_container,
-        {RegistryContainer: container, DockerImagePresent: ["yes" if image_present else "no"]},
-        image="registry:2",
-        archive="/var/lib/dockyard/images/x.tar",
-        run_args=["-p", "5443:5000"],
-        digest="abc",
-    )
-    assert [
-        c.split(" -d --name")[0] if c.startswith("docker run") else c for c in commands
-    ] == expected
-    if commands:
-        run = commands[-1]
-        assert "--restart always" in run and "--label dockyard.hash=abc" in run
-        assert run.endswith("-p 5443:5000 registry:2")
 
 
 def test_htpasswd_takes_passwords_longer_than_72_bytes() -> None:

@@ -14,6 +14,7 @@ from dockyard_deploys import docker_engine
 from dockyard_deploys.common import Distro
 from dockyard_deploys.docker_storage import StoragePlan, StorageRefused, plan_storage
 from dockyard_deploys.facts import BlockDevice, DockerEngine, KernelFilesystems, PathFilesystem
+from dockyard_deploys.settings import EngineSettings, StorageSettings
 
 SPECS = json.loads((Path(__file__).parent / "specs" / "storage_plans.json").read_text())
 
@@ -21,7 +22,7 @@ SPECS = json.loads((Path(__file__).parent / "specs" / "storage_plans.json").read
 def _plan(case: dict[str, Any]) -> tuple[docker_engine.EnginePlan, StoragePlan]:
     distro = Distro.from_fact(case["distro"])
     facts = case["facts"]
-    engine_plan = docker_engine.engine_plan(distro, case["data"])
+    engine_plan = docker_engine.engine_plan(distro, EngineSettings.from_data(case["data"]))
     storage = plan_storage(
         distro=distro,
         kernel_fs=KernelFilesystems().process(facts["KernelFilesystems"]),
@@ -30,7 +31,7 @@ def _plan(case: dict[str, Any]) -> tuple[docker_engine.EnginePlan, StoragePlan]:
         device_state=(
             BlockDevice().process(facts["BlockDevice"]) if "BlockDevice" in facts else None
         ),
-        data=case["data"],
+        storage=StorageSettings.from_data(case["data"]),
         expected_major=engine_plan.expected_major,
     )
     return engine_plan, storage
@@ -86,6 +87,7 @@ def test_every_supported_distro_has_a_spec() -> None:
     ("data", "message"),
     [
         ({"docker_engine_source": "snap"}, "docker_engine_source='snap' is not valid"),
+        ({"docker_engine_enabled": "no"}, "docker_engine_enabled='no' is not valid"),
         (
             {"docker_engine_source": "docker-ce", "docker_engine_version": "latest"},
             "docker_engine_version='latest' is not a version like '24.0.9'",
@@ -99,14 +101,17 @@ def test_every_supported_distro_has_a_spec() -> None:
 def test_engine_plan_bad_data(data: dict[str, Any], message: str) -> None:
     distro = Distro.from_fact(SPECS[0]["distro"])
     with pytest.raises(DeployError) as info:
-        docker_engine.engine_plan(distro, data)
+        docker_engine.engine_plan(distro, EngineSettings.from_data(data))
     assert message in str(info.value)
 
 
 def test_docker_ce_version_pin_on_debian_uses_apt_version_globs() -> None:
     distro = Distro.from_fact(SPECS[0]["distro"])
     plan = docker_engine.engine_plan(
-        distro, {"docker_engine_source": "docker-ce", "docker_engine_version": "27.3.1"}
+        distro,
+        EngineSettings.from_data(
+            {"docker_engine_source": "docker-ce", "docker_engine_version": "27.3.1"}
+        ),
     )
     assert plan.packages == ["docker-ce=5:27.3.1*", "docker-ce-cli=5:27.3.1*", "containerd.io"]
     assert plan.expected_major == 27

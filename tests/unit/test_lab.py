@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dockyard import cli, defaults
-from dockyard.lab import fleet, images
+from dockyard_lab import cli, defaults, fleet, images
 
 
 def test_default_plan_is_one_host_per_release_first_host_carries_the_roles() -> None:
@@ -84,9 +83,9 @@ def test_customise_removes_host_keys_and_enables_first_boot_unit(tmp_path: Path)
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["lab", "up", "--hosts", "0"], "'0' is not a whole number of at least 1"),
-        (["lab", "up", "--releases", "buster"], "unknown release(s) buster; valid: bullseye"),
-        (["lab", "sideways"], "invalid choice: 'sideways'"),
+        (["up", "--hosts", "0"], "'0' is not a whole number of at least 1"),
+        (["up", "--releases", "buster"], "unknown release(s) buster; valid: bullseye"),
+        (["sideways"], "invalid choice: 'sideways'"),
     ],
 )
 def test_cli_bad_input_is_a_clear_error(
@@ -96,3 +95,16 @@ def test_cli_bad_input_is_a_clear_error(
         cli.main(argv)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["lab", "up"], ["lab", "status", "--json"], ["lab"]])
+def test_the_core_cli_points_at_dockyard_lab(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Hosts install the core alone: `dockyard lab …` is one line naming `dockyard-lab`."""
+    from dockyard import cli as core_cli
+
+    assert core_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("dockyard: error: the lab is not part of the core; run `dockyard-lab ")

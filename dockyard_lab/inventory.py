@@ -7,9 +7,9 @@ import os
 import secrets
 from typing import Any
 
-from dockyard import defaults
-from dockyard.lab.docker import DockerError
-from dockyard.lab.fleet import status
+from dockyard_lab import defaults
+from dockyard_lab.docker import DockerError
+from dockyard_lab.fleet import status
 
 # The exported directory on the storage host (on the /srv volume: ganesha needs file handles).
 LAB_EXPORT = "/srv/exports/registry"
@@ -45,7 +45,7 @@ def lab_groups() -> dict[str, list[tuple[str, dict[str, Any]]]]:
     export (only written: no NFS client in the kernel) and libnfs-utils to reach it."""
     hosts = [h for h in status() if h.state == "running"]
     if not hosts:
-        raise DockerError("no running lab hosts: run `dockyard lab up` (or `make deploy`) first")
+        raise DockerError("no running lab hosts: run `dockyard-lab up` (or `make deploy`) first")
     storage = next((h for h in hosts if "storage" in h.groups), hosts[0])
     export = LAB_EXPORT
     common: dict[str, Any] = {

@@ -13,8 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dockyard import defaults
-from dockyard.lab.docker import DockerError, docker, docker_ok
+from dockyard_lab import defaults
+from dockyard_lab.docker import DockerError, docker, docker_ok
 
 # Runs once at every boot, before sshd: host keys unique to each lab host (the image carries none),
 # and loop device nodes so a host can mount a loop-file backing store (docker_storage_device).

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dockyard import defaults
-from dockyard.lab.docker import DockerError, docker, docker_ok
-from dockyard.lab.images import ensure_image
+from dockyard_lab import defaults
+from dockyard_lab.docker import DockerError, docker, docker_ok
+from dockyard_lab.images import ensure_image
 
 Log = Callable[[str], None]
 

@@ -1,4 +1,4 @@
-"""Constants shared by the core and the lab, each with the reason it has its value."""
+"""The lab's constants, each with the reason it has its value."""
 
 from __future__ import annotations
 
