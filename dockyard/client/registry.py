@@ -28,28 +28,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Optional
 
-from dockyard.layers.store import (
+from dockyard.digests import file_sha256
+from dockyard.layers.store import ImageStore, LayerRef, StoreError
+from dockyard.mediatypes import (
+    DOCKER_CONFIG,
     DOCKER_MANIFEST,
+    INDEX_TYPES,
+    OCI_CONFIG,
     OCI_MANIFEST,
-    ImageStore,
-    LayerRef,
-    StoreError,
-    _file_sha256,
+    OCTET_STREAM,
 )
 
 CERTS_D = "/etc/docker/certs.d"
-ACCEPT = ", ".join(
-    [
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        OCI_MANIFEST,
-        DOCKER_MANIFEST,
-    ]
-)
-INDEX_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-)
+# Manifest types asked for, indexes first (a multi-platform image resolves to its platform's).
+ACCEPT = ", ".join(INDEX_TYPES + (OCI_MANIFEST, DOCKER_MANIFEST))
 # Bytes per read while downloading or uploading a blob.
 CHUNK = 1024 * 1024
 # Layers downloaded at once.
@@ -520,7 +512,7 @@ def partial_path(store: ImageStore, digest: str) -> str:
 
 def _hash_file(path: str) -> str:
     with open(path, "rb") as f:
-        return "sha256:" + _file_sha256(f)
+        return "sha256:" + file_sha256(f)
 
 
 def _resume_point(partial: str, digest: str, size: int) -> tuple[int, bool]:
@@ -855,7 +847,7 @@ def _upload(client: RegistryClient, ref: Reference, digest: str, path: str, scop
             f"{location}{sep}digest={digest}",
             scope,
             body=body,
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            headers={"Content-Type": OCTET_STREAM, "Content-Length": str(size)},
         )
     if reply.status != 201:
         raise ClientError(f"{ref}: uploading {digest}: {_error_text(reply)}")
@@ -930,11 +922,7 @@ def push(
         "schemaVersion": 2,
         "mediaType": DOCKER_MANIFEST if docker else OCI_MANIFEST,
         "config": {
-            "mediaType": (
-                "application/vnd.docker.container.image.v1+json"
-                if docker
-                else "application/vnd.oci.image.config.v1+json"
-            ),
+            "mediaType": DOCKER_CONFIG if docker else OCI_CONFIG,
             "digest": image.id,
             "size": os.path.getsize(store.blob_path(image.id)),
         },

@@ -13,18 +13,21 @@ import tarfile
 from typing import IO, Any, Optional
 
 from dockyard.layers.store import (
-    OCI_CONFIG,
-    OCI_LAYER,
-    OCI_MANIFEST,
     Image,
     ImageStore,
     LayerRef,
     StoreError,
 )
 from dockyard.layers.tarsafe import decompressed
+from dockyard.mediatypes import (
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_LAYER_TAR,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+)
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 REF_NAME = "org.opencontainers.image.ref.name"
 # Bytes per copy step.
 CHUNK = 1024 * 1024
@@ -34,7 +37,7 @@ def _oci_layer_type(media: str) -> str:
     if media.endswith("tar.gzip") or media.endswith("+gzip"):
         return OCI_LAYER
     if media.endswith("+zstd"):
-        return "application/vnd.oci.image.layer.v1.tar+zstd"
+        return OCI_LAYER_ZSTD
     return OCI_LAYER_TAR
 
 

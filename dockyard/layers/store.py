@@ -66,17 +66,14 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Optional
 
+from dockyard.digests import file_sha256
 from dockyard.fsutil import atomic_write, fsync_dir
 from dockyard.layers.diff import write_layer
 from dockyard.layers.drivers import GraphDriver, detect_driver, remove_tree
 from dockyard.layers.tarsafe import HashingReader, LayerError, decompressed
+from dockyard.mediatypes import DOCKER_LAYER, DOCKER_MANIFEST, OCI_LAYER
 
 DEFAULT_ROOT = "/var/lib/dockyard"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 # gzip level of committed layers: 1 (fastest) — layers are mostly compressed data already.
 COMMIT_GZIP_LEVEL = 1
 # Bytes per gzip member when a committed layer is compressed on several cores.
@@ -1067,7 +1064,7 @@ class ImageStore:
         damage = []
         for name in sorted(os.listdir(self._path("blobs", "sha256"))):
             with open(self._path("blobs", "sha256", name), "rb") as f:
-                if _file_sha256(f) != name:
+                if file_sha256(f) != name:
                     damage.append(f"blob sha256:{name}: content does not match its digest")
         for name in sorted(os.listdir(self._path("images"))):
             if not name.endswith(".json"):
@@ -1122,13 +1119,6 @@ def gzip_parallel(source: Any, out: IO[bytes]) -> str:
                 out.write(data)
             if not block:
                 break
-    return hasher.hexdigest()
-
-
-def _file_sha256(f: IO[bytes]) -> str:
-    hasher = hashlib.sha256()
-    for chunk in iter(lambda: f.read(1024 * 1024), b""):
-        hasher.update(chunk)
     return hasher.hexdigest()
 
 

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from dockyard.registry.errors import TooManyRequests, Unauthorized
+from dockyard.registry.errors import TooManyRequests, Unauthorized, Unsupported
 
 # Threads running bcrypt (a cost-12 check holds one CPU for about 0.3 s, with the GIL released).
 VERIFY_THREADS = 2
@@ -268,3 +268,22 @@ def load_htpasswd(path: str) -> dict[str, bytes]:
                 )
             entries[user] = hashed.encode()
     return entries
+
+
+# Methods that change storage: refused in read-only mode.
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+async def check_access(
+    auth: Optional[BasicAuth],
+    readonly: bool,
+    method: str,
+    authorization: Optional[str],
+    remote: Optional[str],
+) -> None:
+    """Whether a request to the API may go on: its credentials (when basic auth is configured:
+    Unauthorized, TooManyRequests) and, in read-only mode, its method (Unsupported)."""
+    if auth is not None:
+        await auth.check(authorization, remote)
+    if readonly and method in WRITE_METHODS:
+        raise Unsupported(message="the registry is in read-only mode")

@@ -1,6 +1,8 @@
 """Storage drivers: the small interface the registry stores on (get/put content, reader, writer
-with commit/cancel, stat, list, move-then-put, delete, walk), and the filesystem driver. Every
-write is atomic: a temp file in the same directory, fsync, rename, fsync of the directory."""
+with commit/cancel, stat, list, walk, move-then-put, delete, lock, stale temp sweep), and the
+filesystem driver. Nothing above a driver sees where or how it keeps its bytes: paths are
+'/'-separated, relative and checked by `check_path`. Every write of the filesystem driver is
+atomic: a temp file in the same directory, fsync, rename, fsync of the directory."""
 
 from __future__ import annotations
 
@@ -12,10 +14,19 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Optional, Protocol
 
-from dockyard.fsutil import atomic_write, fsync_dir, fsync_path, stage_file
+from dockyard.fsutil import (
+    TEMP_PREFIX,
+    TempSweep,
+    atomic_write,
+    fsync_dir,
+    fsync_path,
+    stage_file,
+    sweep_temp_files,
+)
 from dockyard.registry.errors import InvalidPath, PathLocked, PathNotFound
 
 # A storage path: '/'-separated components of these characters (a trailing '/' is allowed) ...
@@ -76,9 +87,31 @@ class StorageDriver(Protocol):
 
     def delete(self, path: str) -> None: ...
 
-    def walk(self, path: str) -> Iterator[FileInfo]: ...
+    def walk(self, path: str) -> Iterator[FileInfo]:
+        """Every file below `path` (not directories); PathNotFound when `path` is no
+        directory. Callers must not rely on the order."""
+        ...
 
-    def local_path(self, path: str) -> str | None: ...
+    def lock(self, path: str, exclusive: bool) -> AbstractContextManager[None]:
+        """Hold the lock named `path`, shared or exclusive, across every process sharing the
+        storage, for the block; waits for it."""
+        ...
+
+    def sweep_stale(self, older_than: float, remove: bool) -> TempSweep:
+        """Remove (or only find, `remove` false) the temp files a killed writer left that are
+        older than `older_than` seconds; what is left is reported."""
+        ...
+
+
+def check_path(path: str) -> str:
+    """`path` without a trailing '/' when it is a storage path: safe characters only, no
+    empty, `.` or `..` component (so it never leaves a driver's root); InvalidPath otherwise.
+    The empty path is the root."""
+    if path == "":
+        return path
+    if _SAFE_PATH.fullmatch(path) is None or _DOT_PARTS.search(path) is not None:
+        raise InvalidPath(path)
+    return path.rstrip("/")
 
 
 def _load_sync_file_range() -> Optional[Callable[[int, int, int], None]]:
@@ -198,16 +231,10 @@ class FilesystemDriver:
         self.root = os.path.abspath(root)
 
     def _full(self, path: str) -> str:
-        """The absolute path of a relative storage path: safe characters only, no empty, `.`
-        or `..` component, so the result is always inside the root."""
+        """The absolute path of a storage path (see check_path): always inside the root."""
         if path == "":
             return self.root
-        if _SAFE_PATH.fullmatch(path) is None or _DOT_PARTS.search(path) is not None:
-            raise InvalidPath(path)
-        return f"{self.root}/{path.rstrip('/')}"
-
-    def local_path(self, path: str) -> str | None:
-        return self._full(path)
+        return f"{self.root}/{check_path(path)}"
 
     def get_content(self, path: str) -> bytes:
         try:
@@ -247,7 +274,7 @@ class FilesystemDriver:
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise PathNotFound(path) from exc
         base = path.strip("/")
-        return [f"{base}/{n}" if base else n for n in names if not n.startswith(".tmp-")]
+        return [f"{base}/{n}" if base else n for n in names if not n.startswith(TEMP_PREFIX)]
 
     def move_then_put(self, source: str, dest: str, path: str, data: bytes) -> None:
         """Durably move `source` to `dest`, then durably write `data` at `path` (atomically).
@@ -263,8 +290,8 @@ class FilesystemDriver:
         syncing = _SYNCERS.submit(fsync_path, src)
         tmp = stage_file(os.path.dirname(target), data)
         try:
-            syncing.result()
             try:
+                syncing.result()
                 os.replace(src, dst)
             except FileNotFoundError as exc:
                 raise PathNotFound(source) from exc
@@ -302,7 +329,23 @@ class FilesystemDriver:
             rel = os.path.relpath(directory, full)
             prefix = base if rel == "." else f"{base}/{rel}"
             for name in sorted(files):
-                if name.startswith(".tmp-"):
+                if name.startswith(TEMP_PREFIX):
                     continue
                 st = os.stat(os.path.join(directory, name))
                 yield FileInfo(f"{prefix}/{name}", st.st_size, st.st_mtime, False)
+
+    @contextmanager
+    def lock(self, path: str, exclusive: bool) -> Iterator[None]:
+        """flock(2) on the file at `path` (created when missing), which NFS clients emulate
+        with a byte-range lock the server sees."""
+        full = self._full(path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        fd = os.open(full, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock with the descriptor
+
+    def sweep_stale(self, older_than: float, remove: bool) -> TempSweep:
+        return sweep_temp_files(self.root, older_than, remove=remove)

@@ -7,22 +7,16 @@ again since marking began."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Callable
 
 from dockyard.registry import paths as p
-from dockyard.registry.errors import (
-    BlobUnknown,
-    DigestInvalid,
-    ManifestInvalid,
-    ManifestUnknown,
-    PathNotFound,
-)
+from dockyard.registry.errors import BlobUnknown, DigestInvalid, ManifestInvalid, ManifestUnknown
 from dockyard.registry.manifest import parse_manifest
-from dockyard.registry.store import Registry, media_type_of
+from dockyard.registry.manifeststore import media_type_of
+from dockyard.registry.store import Registry
 
 # Default age below which an unreferenced blob, or an untagged manifest, is kept (the manifest
 # or index that will reference it may be on its way).
@@ -39,25 +33,6 @@ class GCResult:
     kept_young_manifests: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _revisions(registry: Registry, name: str) -> dict[p.Digest, float]:
-    """Every manifest revision of `name` → when it was last pushed: the modification time of
-    its revision link, which every manifest PUT (by digest or by tag) writes anew."""
-    out: dict[p.Digest, float] = {}
-    try:
-        infos = list(registry.driver.walk(p.path_for(p.RevisionsRoot(name))))
-    except PathNotFound:
-        return out
-    for info in infos:
-        if not info.path.endswith("/link"):
-            continue
-        try:
-            digest = p.parse_digest(registry.driver.get_content(info.path).decode().strip())
-        except (DigestInvalid, PathNotFound, UnicodeDecodeError):
-            continue
-        out[digest] = max(info.mtime, out.get(digest, info.mtime))
-    return out
-
-
 def _young(revisions: dict[p.Digest, float], grace_seconds: float) -> set[p.Digest]:
     """The revisions pushed less than `grace_seconds` ago (a clock ahead makes them young)."""
     now = time.time()
@@ -67,12 +42,12 @@ def _young(revisions: dict[p.Digest, float], grace_seconds: float) -> set[p.Dige
 def _tagged(registry: Registry, name: str) -> set[p.Digest]:
     out: set[p.Digest] = set()
     try:
-        tags = registry.tags(name)
+        tags = registry.manifests.tags(name)
     except ManifestUnknown:
         return out
     for tag in tags:
         try:
-            out.add(registry.resolve(name, tag))
+            out.add(registry.manifests.resolve(name, tag))
         except (ManifestUnknown, DigestInvalid):
             continue
     return out
@@ -93,7 +68,7 @@ class _Marker:
                 continue
             seen.add(digest)
             try:
-                raw = self.registry.blob_content(digest)
+                raw = self.registry.blobs.content(digest)
                 manifest = parse_manifest(raw, media_type_of(raw))
             except (BlobUnknown, ManifestInvalid):
                 self.log(f"{name}: manifest {digest} is missing or unreadable, skipped")
@@ -130,13 +105,13 @@ def _closure(
     while pending:
         digest = pending.pop()
         try:
-            raw = registry.blob_content(digest)
+            raw = registry.blobs.content(digest)
             manifest = parse_manifest(raw, media_type_of(raw))
         except (BlobUnknown, ManifestInvalid):
             continue
         children = set(manifest.manifests) & revisions
         referrers = {
-            p.parse_digest(d["digest"]) for d in registry.referrers(name, digest)
+            p.parse_digest(d["digest"]) for d in registry.manifests.referrers(name, digest)
         } & revisions
         new = (children | referrers) - keep
         keep |= new
@@ -157,7 +132,7 @@ def collect(
     doomed: dict[str, set[p.Digest]] = {}
     seen: dict[str, set[p.Digest]] = {}
     for name in registry.catalog():
-        revisions = _revisions(registry, name)
+        revisions = registry.manifests.revisions(name)
         seen[name] = set(revisions)
         keep, doomed[name] = _keep_set(registry, name, revisions, delete_untagged, grace_seconds)
         if delete_untagged:
@@ -172,7 +147,7 @@ def collect(
         # manifest pushed less than the grace period before this point is thus never deleted,
         # and an index PUT after the sweep finds every child pushed within it.
         for name in registry.catalog():
-            revisions = _revisions(registry, name)
+            revisions = registry.manifests.revisions(name)
             fresh = set(revisions) - seen.get(name, set())
             rescued: set[p.Digest] = set()
             if doomed.get(name):
@@ -189,16 +164,15 @@ def collect(
             result.deleted_manifests.append((name, str(digest)))
             if not dry_run:
                 try:
-                    registry.delete_manifest(name, str(digest))
-                except (ManifestUnknown, PathNotFound):
+                    registry.manifests.delete(name, str(digest))
+                except ManifestUnknown:
                     pass
-        for blob in _all_blobs(registry):
+        for blob in registry.blobs.digests():
             if str(blob) in marker.marked:
                 continue
-            path = p.path_for(p.BlobData(blob))
             try:
-                age = time.time() - registry.driver.stat(path).mtime
-            except PathNotFound:
+                age = time.time() - registry.blobs.modified(blob)
+            except BlobUnknown:
                 continue
             if age < grace_seconds:
                 result.kept_young.append(str(blob))
@@ -207,8 +181,8 @@ def collect(
             result.deleted_blobs.append(str(blob))
             if not dry_run:
                 try:
-                    registry.driver.delete(path.rsplit("/", 1)[0])
-                except PathNotFound:
+                    registry.blobs.delete(blob)
+                except BlobUnknown:
                     pass
         if result.deleted_blobs and not dry_run:
             _drop_dangling_layer_links(registry, log)
@@ -235,37 +209,7 @@ def collect(
 def _drop_dangling_layer_links(registry: Registry, log: Callable[[str], None]) -> None:
     """Remove `_layers` links whose blob was swept (distribution 2.8 leaves them dangling)."""
     for name in registry.catalog(with_uploads=True):
-        try:
-            infos = list(registry.driver.walk(p.path_for(p.LayersRoot(name))))
-        except PathNotFound:
-            continue
-        for info in infos:
-            if not info.path.endswith("/link"):
-                continue
-            try:
-                digest = p.parse_digest(registry.driver.get_content(info.path).decode().strip())
-            except (DigestInvalid, PathNotFound, UnicodeDecodeError):
-                continue
-            if not registry.blob_exists(digest):
-                registry.driver.delete(info.path.rsplit("/", 1)[0])
+        for named, digest in list(registry.linked.layer_links(name)):
+            if not registry.blobs.exists(digest):
+                registry.linked.remove_layer_link(name, named)
                 log(f"{name}: removed the link to swept blob {digest}")
-
-
-def _all_blobs(registry: Registry) -> list[p.Digest]:
-    root = registry.driver.local_path(p.path_for(p.BlobsRoot()))
-    out: list[p.Digest] = []
-    if root is None or not os.path.isdir(root):
-        return out
-    for algorithm in sorted(os.listdir(root)):
-        if algorithm not in p.ALGORITHMS:
-            continue
-        for prefix in sorted(os.listdir(os.path.join(root, algorithm))):
-            directory = os.path.join(root, algorithm, prefix)
-            if not os.path.isdir(directory):
-                continue
-            for hexdigest in sorted(os.listdir(directory)):
-                try:
-                    out.append(p.parse_digest(f"{algorithm}:{hexdigest}"))
-                except DigestInvalid:
-                    continue
-    return out

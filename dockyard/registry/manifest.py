@@ -8,23 +8,18 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from dockyard.mediatypes import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    FOREIGN_LAYERS,
+    IMAGE_TYPES,
+    MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
 from dockyard.registry import paths as p
 from dockyard.registry.errors import DigestInvalid, ManifestInvalid
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-IMAGE_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
-MANIFEST_TYPES = IMAGE_TYPES + INDEX_TYPES
-# Layers that live elsewhere (Windows base layers) and need not be in the registry.
-FOREIGN_LAYERS = (
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-)
 # Largest descriptor size a pushed manifest may give: sizes are int64 (OCI image spec).
 SIZE_MAX = 2**63 - 1
 # Deepest nesting of objects and arrays in a pushed manifest (real ones use four or five levels).

@@ -17,17 +17,21 @@ Layout below the storage root (``storage.filesystem.rootdirectory``)::
         _referrers/<algorithm>/<subject hex>/<algorithm>/<hex>/link
                                                                   dockyard's referrers index;
                                                                   distribution ignores it
+      .gc.lock                                                    shared by manifest writers,
+                                                                  exclusive for a GC sweep
 
-A link file holds the digest it points to, as text (``sha256:<hex>``).
+A link file holds the digest it points to, as text (``sha256:<hex>``). A blob or link is removed
+with its directory (``BlobDir``, ``LayerDir``, ``RevisionDir``, ``ReferrerDir``), and
+`digest_from_path` is the inverse of `path_for` for every path that names a digest.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Callable, Union
 
-from dockyard.registry.errors import DigestInvalid, NameInvalid, TagInvalid
+from dockyard.registry.errors import BlobUploadUnknown, DigestInvalid, NameInvalid, TagInvalid
 
 ROOT_PREFIX = "docker/registry/v2"
 
@@ -78,8 +82,6 @@ def validate_tag(tag: str) -> str:
 
 def validate_upload_id(upload_id: str) -> str:
     if not UPLOAD_ID_RE.match(upload_id):
-        from dockyard.registry.errors import BlobUploadUnknown
-
         raise BlobUploadUnknown({"upload": upload_id[:100]})
     return upload_id
 
@@ -91,7 +93,17 @@ class BlobData:
 
 
 @dataclass(frozen=True)
+class BlobDir:
+    digest: Digest
+
+
+@dataclass(frozen=True)
 class BlobsRoot:
+    pass
+
+
+@dataclass(frozen=True)
+class GCLock:
     pass
 
 
@@ -112,12 +124,24 @@ class LayerLink:
 
 
 @dataclass(frozen=True)
+class LayerDir:
+    name: str
+    digest: Digest
+
+
+@dataclass(frozen=True)
 class LayersRoot:
     name: str
 
 
 @dataclass(frozen=True)
 class RevisionLink:
+    name: str
+    digest: Digest
+
+
+@dataclass(frozen=True)
+class RevisionDir:
     name: str
     digest: Digest
 
@@ -187,14 +211,25 @@ class ReferrerLink:
     digest: Digest
 
 
+@dataclass(frozen=True)
+class ReferrerDir:
+    name: str
+    subject: Digest
+    digest: Digest
+
+
 PathSpec = Union[
     BlobData,
+    BlobDir,
     BlobsRoot,
+    GCLock,
     RepositoriesRoot,
     RepoRoot,
     LayerLink,
+    LayerDir,
     LayersRoot,
     RevisionLink,
+    RevisionDir,
     RevisionsRoot,
     TagsRoot,
     TagRoot,
@@ -206,6 +241,7 @@ PathSpec = Union[
     UploadRoot,
     ReferrersRoot,
     ReferrerLink,
+    ReferrerDir,
 ]
 
 
@@ -217,47 +253,79 @@ def _tag(name: str, tag: str) -> str:
     return f"{_repo(name)}/_manifests/tags/{validate_tag(tag)}"
 
 
-def path_for(spec: PathSpec) -> str:  # noqa: C901 - one branch per layout entry, on purpose
+def _blob_dir(d: Digest) -> str:
+    return f"{ROOT_PREFIX}/blobs/{d.algorithm}/{d.hex[:2]}/{d.hex}"
+
+
+def _upload(name: str, upload_id: str) -> str:
+    return f"{_repo(name)}/_uploads/{validate_upload_id(upload_id)}"
+
+
+def _referrer(name: str, subject: Digest, d: Digest) -> str:
+    return f"{_repo(name)}/_referrers/{subject.algorithm}/{subject.hex}/{d.algorithm}/{d.hex}"
+
+
+# How each kind of path is formatted: the only place paths are made.
+_FORMATS: dict[type, Callable[[Any], str]] = {
+    BlobData: lambda s: f"{_blob_dir(s.digest)}/data",
+    BlobDir: lambda s: _blob_dir(s.digest),
+    BlobsRoot: lambda s: f"{ROOT_PREFIX}/blobs",
+    GCLock: lambda s: f"{ROOT_PREFIX}/.gc.lock",
+    RepositoriesRoot: lambda s: f"{ROOT_PREFIX}/repositories",
+    RepoRoot: lambda s: _repo(s.name),
+    LayerLink: lambda s: f"{path_for(LayerDir(s.name, s.digest))}/link",
+    LayerDir: lambda s: f"{_repo(s.name)}/_layers/{s.digest.algorithm}/{s.digest.hex}",
+    LayersRoot: lambda s: f"{_repo(s.name)}/_layers",
+    RevisionLink: lambda s: f"{path_for(RevisionDir(s.name, s.digest))}/link",
+    RevisionDir: lambda s: (
+        f"{_repo(s.name)}/_manifests/revisions/{s.digest.algorithm}/{s.digest.hex}"
+    ),
+    RevisionsRoot: lambda s: f"{_repo(s.name)}/_manifests/revisions",
+    TagsRoot: lambda s: f"{_repo(s.name)}/_manifests/tags",
+    TagRoot: lambda s: _tag(s.name, s.tag),
+    TagCurrentLink: lambda s: f"{_tag(s.name, s.tag)}/current/link",
+    TagIndexLink: lambda s: f"{_tag(s.name, s.tag)}/index/{s.digest.algorithm}/{s.digest.hex}/link",
+    UploadsRoot: lambda s: f"{_repo(s.name)}/_uploads",
+    UploadRoot: lambda s: _upload(s.name, s.upload_id),
+    UploadData: lambda s: f"{_upload(s.name, s.upload_id)}/data",
+    UploadStartedAt: lambda s: f"{_upload(s.name, s.upload_id)}/startedat",
+    ReferrersRoot: lambda s: f"{_repo(s.name)}/_referrers/{s.subject.algorithm}/{s.subject.hex}",
+    ReferrerLink: lambda s: f"{_referrer(s.name, s.subject, s.digest)}/link",
+    ReferrerDir: lambda s: _referrer(s.name, s.subject, s.digest),
+}
+
+
+def path_for(spec: PathSpec) -> str:
     """The storage-relative path of `spec`; the only place paths are formatted."""
-    if isinstance(spec, BlobData):
-        d = spec.digest
-        return f"{ROOT_PREFIX}/blobs/{d.algorithm}/{d.hex[:2]}/{d.hex}/data"
-    if isinstance(spec, BlobsRoot):
-        return f"{ROOT_PREFIX}/blobs"
-    if isinstance(spec, RepositoriesRoot):
-        return f"{ROOT_PREFIX}/repositories"
-    if isinstance(spec, RepoRoot):
-        return _repo(spec.name)
-    if isinstance(spec, LayerLink):
-        return f"{_repo(spec.name)}/_layers/{spec.digest.algorithm}/{spec.digest.hex}/link"
-    if isinstance(spec, LayersRoot):
-        return f"{_repo(spec.name)}/_layers"
-    if isinstance(spec, RevisionLink):
-        d = spec.digest
-        return f"{_repo(spec.name)}/_manifests/revisions/{d.algorithm}/{d.hex}/link"
-    if isinstance(spec, RevisionsRoot):
-        return f"{_repo(spec.name)}/_manifests/revisions"
-    if isinstance(spec, TagsRoot):
-        return f"{_repo(spec.name)}/_manifests/tags"
-    if isinstance(spec, TagRoot):
-        return _tag(spec.name, spec.tag)
-    if isinstance(spec, TagCurrentLink):
-        return f"{_tag(spec.name, spec.tag)}/current/link"
-    if isinstance(spec, TagIndexLink):
-        d = spec.digest
-        return f"{_tag(spec.name, spec.tag)}/index/{d.algorithm}/{d.hex}/link"
-    if isinstance(spec, UploadsRoot):
-        return f"{_repo(spec.name)}/_uploads"
-    if isinstance(spec, UploadRoot):
-        return f"{_repo(spec.name)}/_uploads/{validate_upload_id(spec.upload_id)}"
-    if isinstance(spec, UploadData):
-        return f"{_repo(spec.name)}/_uploads/{validate_upload_id(spec.upload_id)}/data"
-    if isinstance(spec, UploadStartedAt):
-        return f"{_repo(spec.name)}/_uploads/{validate_upload_id(spec.upload_id)}/startedat"
-    if isinstance(spec, ReferrersRoot):
-        s = spec.subject
-        return f"{_repo(spec.name)}/_referrers/{s.algorithm}/{s.hex}"
-    if isinstance(spec, ReferrerLink):
-        s, d = spec.subject, spec.digest
-        return f"{_repo(spec.name)}/_referrers/{s.algorithm}/{s.hex}/{d.algorithm}/{d.hex}/link"
-    raise TypeError(f"unknown path spec {spec!r}")
+    try:
+        fmt = _FORMATS[type(spec)]
+    except KeyError:
+        raise TypeError(f"unknown path spec {spec!r}") from None
+    return fmt(spec)
+
+
+# The digest a path names: a blob's directory or data file (algorithm/xx/hex), or the directory
+# or link of a layer, revision, tag index entry or referrer (algorithm/hex, last in the path).
+_BLOB_PATH = re.compile(
+    rf"^{re.escape(ROOT_PREFIX)}/blobs/([a-z0-9]+)/([a-f0-9]{{2}})/([a-f0-9]+)(?:/data)?$"
+)
+_LINK_PATH = re.compile(
+    rf"^{re.escape(ROOT_PREFIX)}/repositories/.+/(?:_layers|_manifests/revisions|"
+    r"_manifests/tags/[^/]+/index|_referrers/[a-z0-9]+/[a-f0-9]+)/([a-z0-9]+)/([a-f0-9]+)(?:/link)?$"
+)
+
+
+def digest_from_path(path: str) -> Digest:
+    """The inverse of `path_for` for the paths that name a digest (BlobData, BlobDir, LayerLink,
+    LayerDir, RevisionLink, RevisionDir, TagIndexLink, ReferrerLink, ReferrerDir): the digest,
+    validated; DigestInvalid for any other path or an invalid digest in it."""
+    blob = _BLOB_PATH.match(path)
+    if blob is not None:
+        digest = parse_digest(f"{blob.group(1)}:{blob.group(3)}")
+        if digest.hex[:2] != blob.group(2):
+            raise DigestInvalid({"path": path[:300]}, message="blob path of another digest")
+        return digest
+    link = _LINK_PATH.match(path)
+    if link is not None:
+        return parse_digest(f"{link.group(1)}:{link.group(2)}")
+    raise DigestInvalid({"path": path[:300]}, message="the path names no digest")

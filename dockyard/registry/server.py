@@ -21,8 +21,9 @@ from typing import Optional
 
 from aiohttp import web
 
-from dockyard.registry.app import RegistryApp, Runner
+from dockyard.registry.app import RegistryApp
 from dockyard.registry.config import RegistryConfig
+from dockyard.registry.connection import Runner
 from dockyard.registry.listener import Connections, MalformedRequestLog, Site, raise_fd_limit
 
 log = logging.getLogger("dockyard.registry")
