@@ -796,31 +796,43 @@ def pull(
     for digest, size in [(config_digest, config_size), *layer_descs]:
         if jobs.setdefault(digest, size) != size:
             raise ClientError(f"{ref}: the manifest gives {digest} two sizes")
-    with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
-        futures = [
-            pool.submit(download_blob, client, ref, digest, size, store, progress)
+    # Downloads run PARALLEL at a time, the config first; each layer is applied as soon as it
+    # and the layers below it are in, while the later ones still download (as docker pull does).
+    pool = ThreadPoolExecutor(max_workers=PARALLEL)
+    try:
+        futures = {
+            digest: pool.submit(download_blob, client, ref, digest, size, store, progress)
             for digest, size in jobs.items()
-        ]
-        for future in futures:
-            future.result()
-    config_bytes = store.read_blob(config_digest)
-    config = _json_object(ref, config_bytes, f"config {config_digest}")
-    rootfs = config.get("rootfs", {})
-    diff_ids = rootfs.get("diff_ids", []) if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or not all(
-        isinstance(d, str) and _DIGEST.fullmatch(d) for d in diff_ids
-    ):
-        raise ClientError(f"{ref}: the config's rootfs.diff_ids is not a list of sha256 digests")
-    if len(diff_ids) != len(layers):
-        raise ClientError(f"{ref}: config lists {len(diff_ids)} diff IDs for {len(layers)} layers")
-    refs: list[LayerRef] = []
-    parent: Optional[str] = None
-    dirs: list[str] = []
-    for (digest, size), layer_type, diff_id in zip(layer_descs, layer_types, diff_ids):
-        chain, diff, _size = store.apply_blob(parent, digest, diff_id, dirs)
-        refs.append(LayerRef(digest, diff, chain, size, layer_type))
-        parent = chain
-        dirs = dirs + [store.layer_dir(chain)]
+        }
+        futures[config_digest].result()
+        config_bytes = store.read_blob(config_digest)
+        config = _json_object(ref, config_bytes, f"config {config_digest}")
+        rootfs = config.get("rootfs", {})
+        diff_ids = rootfs.get("diff_ids", []) if isinstance(rootfs, dict) else None
+        if not isinstance(diff_ids, list) or not all(
+            isinstance(d, str) and _DIGEST.fullmatch(d) for d in diff_ids
+        ):
+            raise ClientError(
+                f"{ref}: the config's rootfs.diff_ids is not a list of sha256 digests"
+            )
+        if len(diff_ids) != len(layers):
+            raise ClientError(
+                f"{ref}: config lists {len(diff_ids)} diff IDs for {len(layers)} layers"
+            )
+        refs: list[LayerRef] = []
+        parent: Optional[str] = None
+        dirs: list[str] = []
+        for (digest, size), layer_type, diff_id in zip(layer_descs, layer_types, diff_ids):
+            futures[digest].result()
+            chain, diff, _size = store.apply_blob(parent, digest, diff_id, dirs)
+            refs.append(LayerRef(digest, diff, chain, size, layer_type))
+            parent = chain
+            dirs = dirs + [store.layer_dir(chain)]
+        for future in futures.values():
+            future.result()  # every download's error is reported, even of an unused blob
+    finally:
+        # on an error, downloads not started are dropped and running ones finish first
+        pool.shutdown(wait=True, cancel_futures=True)
     store.put_blob(raw)
     tag_ref = str(ref) if not ref.digest else None
     image = store.register(
