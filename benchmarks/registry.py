@@ -11,6 +11,7 @@ Every loop is bounded (a fixed number of uploads, downloads and requests); traff
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import ctypes
 import ctypes.util
 import functools
@@ -18,6 +19,7 @@ import hashlib
 import http.client
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -237,6 +239,59 @@ def disk_write_rate(base: Path) -> float:
     return rate
 
 
+def small_file_rate(base: Path, size: int, concurrency: int, count: int) -> float:
+    """MB/s of making `count` blobs of `size` bytes durable, `concurrency` at a time, with the
+    least file system work a registry in distribution's layout must do per blob before its 201:
+    the data and its repository link (71 bytes) each written to a temp file, fsynced and
+    renamed into a directory of their own, then both directories fsynced (the two files' fsyncs
+    side by side, then the two directories', as dockyard does). No HTTP, no hashing: the disk's
+    own limit for that blob size, beside which the push of that size is read."""
+    root = base / "small-probe"
+    data = os.urandom(size)
+    link = b"sha256:" + b"0" * 64
+
+    def durable(directory: Path, name: str, payload: bytes) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, directory / name)
+
+    def fsync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    helper = concurrent.futures.ThreadPoolExecutor(concurrency)
+
+    def blob(i: int) -> Callable[[], None]:
+        def run() -> None:
+            blob_dir = root / "blobs" / f"{i:02x}"[-2:] / f"b{i}"
+            link_dir = root / "links" / f"b{i}"
+            side = helper.submit(durable, link_dir, "link", link)
+            durable(blob_dir, "data", data)
+            side.result()
+            side = helper.submit(fsync_dir, link_dir)
+            fsync_dir(blob_dir)
+            side.result()
+
+        return run
+
+    settle(0, 1.0)
+    try:
+        elapsed = _parallel([blob(i) for i in range(count)], concurrency)
+    finally:
+        helper.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    return size * count / 1e6 / elapsed
+
+
 def _start_writeback(fd: int, offset: int, length: int) -> None:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.sync_file_range(fd, ctypes.c_longlong(offset), ctypes.c_longlong(length), 2)
@@ -248,6 +303,46 @@ def settle(written: int, rate: float) -> None:
     own cache afterwards, which would otherwise slow the next registry's fsyncs."""
     os.sync()
     time.sleep(min(SETTLE_MAX_S, 1.0 + 1.5 * written / 1e6 / rate))
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children (the registry's workers)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def report_cpu(push_cpu: dict[tuple[int, int, str], tuple[float, float]]) -> None:
+    """CPU per pushed blob, server and client, and the push rate that CPU alone allows on this
+    machine's cores: the physical limit beside the small-blob cells."""
+    cores = os.cpu_count() or 1
+    print(f"CPU per pushed blob, server + client (ms), and the push rate {cores} cores allow:")
+    for (size, conc, kind), (server, client) in sorted(push_cpu.items()):
+        if size != 1:
+            continue
+        bound = cores / ((server + client) / 1000) * size * MIB / 1e6
+        print(
+            f"  {size}MiB x{conc} {kind:<12} {server:6.2f} + {client:5.2f}  -> at most "
+            f"{bound:5.0f} MB/s"
+        )
 
 
 def bench_manifest_get(port: int) -> float:
@@ -309,6 +404,7 @@ def report_targets(
     cells: dict[tuple[int, int], tuple[float, float, float, float]],
     get_ratio: float,
     disk: float,
+    small: float,
 ) -> None:
     """One line per target: measured value, target, met or not. Both registries fsync blob
     data before answering (distribution 2.8 in its writer's Commit: strace counts 22 fsyncs for
@@ -321,6 +417,11 @@ def report_targets(
     for (size, conc), (dy_push, _, _, _) in sorted(cells.items()):
         if conc == 8:
             line(f"push {size}MiB x8 / disk {disk:.0f} MB/s", dy_push / disk, TARGET_PUSH_OF_DISK)
+            if size == 1:
+                print(
+                    f"  (1 MiB blobs: the disk makes them durable at {small:.0f} MB/s, 8 at a "
+                    f"time; the push reaches {dy_push / small:.2f}x of that)"
+                )
     if (1, 1) in cells:
         dy_push, di_push, _, _ = cells[(1, 1)]
         line("push 1MiB x1 / distribution", dy_push / di_push, TARGET_SMALL_PUSH)
@@ -351,6 +452,7 @@ def main() -> int:
         blobs_dir = base / "blobs"
         blobs_dir.mkdir()
         disk = disk_write_rate(base)
+        small = small_file_rate(base, MIB, 8, 128)
         # untimed warm-up of both (first connections, every worker process, thread pools)
         for server in servers.values():
             warm = make_blobs(blobs_dir, 1, WARMUP_BLOBS)
@@ -363,6 +465,10 @@ def main() -> int:
             for path, _ in warm:
                 path.unlink()
         print(f"disk: {DISK_PROBE_BYTES // MIB} MiB written + fdatasync at {disk:.0f} MB/s")
+        print(
+            f"disk: 1 MiB blobs made durable 8 at a time (data + link: fsync, rename, directory "
+            f"fsync; no HTTP) at {small:.0f} MB/s"
+        )
         written = DISK_PROBE_BYTES
         print(
             f"{'blob':>8} {'conc':>4} | {'push MB/s':>20} {'ratio':>6} | "
@@ -373,6 +479,8 @@ def main() -> int:
             f"{'dockyard':>10}{'distrib':>10}"
         )
         push_ratios: list[float] = []
+        # (blob MiB, concurrency, registry) -> CPU ms per pushed blob (server, client), last round
+        push_cpu: dict[tuple[int, int, str], tuple[float, float]] = {}
         # (blob MiB, concurrency) -> (dockyard push, distribution push, dockyard pull, distrib pull)
         cells: dict[tuple[int, int], tuple[float, float, float, float]] = {}
         for size_mib, concurrency, count in scenarios:
@@ -391,9 +499,15 @@ def main() -> int:
                     written = size_mib * count * MIB
                     port = servers[kind].port
                     repo = f"bench/s{size_mib}c{concurrency}r{round_}"
+                    cpu_before = (_tree_cpu(servers[kind].process.pid), _self_cpu())
                     t_push = _parallel(
                         [functools.partial(push, port, repo, b, d) for b, d in blobs],
                         concurrency,
+                    )
+                    cpu_after = (_tree_cpu(servers[kind].process.pid), _self_cpu())
+                    push_cpu[(size_mib, concurrency, kind)] = (
+                        (cpu_after[0] - cpu_before[0]) / count * 1000,
+                        (cpu_after[1] - cpu_before[1]) / count * 1000,
                     )
                     t_pull = _parallel(
                         [functools.partial(pull, port, repo, d, size_mib * MIB) for _, d in blobs],
@@ -415,6 +529,7 @@ def main() -> int:
                 f"{pull_ratio:>5.2f}x",
                 flush=True,
             )
+        report_cpu(push_cpu)
         gets = {kind: bench_manifest_get(servers[kind].port) for kind in servers}
         get_ratio = gets["dockyard"] / gets["distribution"]
         print(
@@ -424,7 +539,7 @@ def main() -> int:
         settle(written, disk)
         disk_after = disk_write_rate(base)
         print(f"disk after the pushes: {disk_after:.0f} MB/s (before: {disk:.0f} MB/s)")
-        report_targets(cells, get_ratio, min(disk, disk_after))
+        report_targets(cells, get_ratio, min(disk, disk_after), small)
     finally:
         for server in servers.values():
             server.stop()
