@@ -1,6 +1,7 @@
 """The `dockyard-lab` command line (control machine only): `dockyard-lab up|down|status [--json]`
-brings the local lab fleet up and down and lists it; `registry-archive PATH` saves a
-registry:2-compatible image for `registry_image_archive`."""
+brings the local lab fleet (systemd host containers, and with `up --vms N` qemu VMs) up and down
+and lists it; `registry-archive PATH` saves a registry:2-compatible image for
+`registry_image_archive`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from dockyard import __version__
 from dockyard_lab import defaults, down, status, up
 from dockyard_lab.docker import DockerError
+from dockyard_lab.vm import VmError
 
 
 def _releases(value: str) -> list[str]:
@@ -36,6 +38,16 @@ def _positive(value: str) -> int:
     return number
 
 
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 0")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dockyard-lab", description=__doc__)
     parser.add_argument("--version", action="version", version=f"dockyard-lab {__version__}")
@@ -53,7 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(defaults.LAB_RELEASES),
         help="comma-separated Debian suites to cycle through (default: %(default)s)",
     )
-    sub.add_parser("down", help="remove the lab hosts, their volumes and network")
+    lab_up.add_argument(
+        "--vms",
+        type=_count,
+        default=0,
+        help=(
+            f"number of qemu VM hosts ({defaults.VM_SUITE}, a real kernel, software emulation) "
+            "besides the containers, in the group vms (default: %(default)s)"
+        ),
+    )
+    sub.add_parser(
+        "down", help="remove the lab hosts (VMs: qemu, tap devices, overlays), volumes, network"
+    )
     archive = sub.add_parser(
         "registry-archive",
         help="save a registry:2-compatible image (Debian's docker-registry) for registry_image",
@@ -66,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.lab_command == "up":
-        hosts = up(hosts=args.hosts, releases=args.releases)
+        hosts = up(hosts=args.hosts, releases=args.releases, vms=args.vms)
         print(f"--> Lab up: {len(hosts)} host(s); inventory: inventory/lab.py")
         return 0
     if args.lab_command == "registry-archive":
@@ -89,7 +112,9 @@ def _run(args: argparse.Namespace) -> int:
         print("no lab hosts (run `dockyard-lab up`)")
         return 0
     for h in hosts:
-        print(f"{h.name:28} {h.state:9} {h.address:15} {h.release:9} {','.join(h.groups)}")
+        print(
+            f"{h.name:28} {h.kind:9} {h.state:9} {h.address:15} {h.release:9} {','.join(h.groups)}"
+        )
     return 0
 
 
@@ -97,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (DockerError, ValueError, OSError) as exc:
+    except (DockerError, VmError, ValueError, OSError) as exc:
         print(f"dockyard-lab: error: {exc}", file=sys.stderr)
         return 1
 

@@ -35,8 +35,61 @@ LAB_IMAGE_REPO = "dockyard-lab"
 # Seconds a lab host may take to boot systemd and answer ssh before `lab up` gives up.
 LAB_BOOT_TIMEOUT = 120.0
 
+# The VM hosts' suite: one kernel for every VM (a real one, with nfsd, unlike the machine's).
+VM_SUITE = "bookworm"
+
+# Packages baked into the VM image: a kernel and the tools to boot it from a disk (udev, kmod),
+# ifupdown for the static address, the kernel NFS server and client, and the same sshd/python3
+# the container hosts carry (pyinfra's ssh connector, testinfra). Baked, because dpkg under
+# software emulation is several times slower than on the machine.
+VM_INCLUDE: tuple[str, ...] = (
+    "linux-image-amd64",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "openssh-server",
+    "python3",
+    "nfs-kernel-server",
+    "nfs-common",
+    "iproute2",
+    "kmod",
+    "ifupdown",
+    "ca-certificates",
+)
+
+# Bumped whenever the VM image customisation changes, so the recipe hash (and the cache) changes.
+VM_RECIPE_VERSION = 1
+
+# Size of the VM's root filesystem (a sparse raw ext4 image; each VM writes to its own overlay).
+VM_DISK_SIZE = "3G"
+
+# qemu's machine: KVM fails on this kind of machine (shared/LAB.md), so software emulation (TCG);
+# two vCPUs and 1 GiB are enough for sshd, nfsd and a deploy.
+VM_CPUS = 2
+VM_MEMORY_MB = 1024
+
+# Seconds a VM may take from qemu's start to sshd's banner (measured: about a minute under TCG).
+VM_BOOT_TIMEOUT = 300.0
+
+# Seconds `lab down` waits for a VM's qemu to exit after SIGTERM before it sends SIGKILL.
+VM_STOP_TIMEOUT = 10.0
+
+# Inventory groups of every VM host (none of the deploys' groups yet: the VMs are new).
+VM_GROUPS: tuple[str, ...] = ("vms",)
+
 # Fallback Debian mirror when the machine's apt sources name none.
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+def vm_image_dir() -> Path:
+    """Cache of built VM images (disk, kernel, initrd), one directory per recipe hash; shared by
+    every lab using this state directory and kept by `lab down`."""
+    return lab_state_dir() / "vm-images"
+
+
+def lab_vm_dir() -> Path:
+    """Per-VM state of this lab (overlay, seed disk, pidfile, console log); `down` removes it."""
+    return lab_state_dir() / f"{LAB_NAME}-vms"
 
 
 def lab_state_dir() -> Path:

@@ -1,6 +1,7 @@
 """Bring the lab fleet up and down and report it: systemd host containers (one per Debian release
 by default) on a Docker network the lab owns, each with sshd, a unique host key, and the lab's own
-ssh key authorised for root. The running containers are the source of truth for `status`."""
+ssh key authorised for root; optionally qemu VMs on the same network (`dockyard_lab.vm`). The
+running containers and the VMs' state directories are the source of truth for `status`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dockyard_lab import defaults
+from dockyard_lab import defaults, vm
 from dockyard_lab.docker import DockerError, docker, docker_ok
 from dockyard_lab.images import ensure_image
 
@@ -64,6 +65,8 @@ class LabHost:
     ssh_known_hosts: str
     state: str
     image: str
+    # `container` (a systemd host container) or `vm` (a qemu VM with its own kernel).
+    kind: str = "container"
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -203,10 +206,13 @@ def _authorise(name: str, pubkey: str) -> str:
 def up(
     hosts: int = len(defaults.LAB_RELEASES),
     releases: Sequence[str] = defaults.LAB_RELEASES,
+    vms: int = 0,
     log: Log = print,
 ) -> list[LabHost]:
-    """Create (or complete) the lab; hosts already running are kept as they are."""
+    """Create (or complete) the lab, with `vms` VM hosts besides the containers; hosts already
+    running are kept as they are."""
     wanted = plan(hosts, releases)
+    vm.vm_names(vms)  # refuses a negative count before anything starts
     key = ensure_ssh_key(log)
     pubkey = key.with_suffix(".pub").read_text()
     if not docker_ok("network", "inspect", _network()):
@@ -218,6 +224,10 @@ def up(
     for release in dict.fromkeys(r for _, r, _ in wanted):
         log(f"--> Lab image for {release}")
         images[release] = ensure_image(release, log=log)
+    vm_image = None
+    if vms:
+        log(f"--> Lab VM image ({defaults.VM_SUITE})")
+        vm_image = vm.ensure_vm_image(log)
     deadline = time.monotonic() + defaults.LAB_BOOT_TIMEOUT
     for name, release, groups in wanted:
         running = docker_ok("container", "inspect", name)
@@ -226,6 +236,9 @@ def up(
         if not running:
             log(f"--> Starting lab host {name} ({release})")
             _start_host(name, release, groups, images[release])
+    # The VMs boot (one to two minutes under emulation) while the containers do.
+    vm_started = time.monotonic()
+    vm_records = vm.start_vms(vms, pubkey, _network(), vm_image, log=log) if vm_image else []
     known = []
     for name, _, _ in wanted:
         _wait_for_boot(name, deadline)
@@ -234,6 +247,11 @@ def up(
         _wait_for_ssh(address, deadline)
         known.append(f"{address} {hostkey}\n")
         log(f"    [{name}] up at {address}")
+    vm_deadline = vm_started + defaults.VM_BOOT_TIMEOUT
+    for record in vm_records:
+        vm.wait_for_ssh(record, vm_deadline)
+        log(f"    [{record.name}] up at {record.address} ({time.monotonic() - vm_started:.0f} s)")
+    known += [f"{record.address} {record.host_key}\n" for record in vm.records()]
     _, known_hosts = _key_paths()
     known_hosts.write_text("".join(known))
     return status()
@@ -252,11 +270,9 @@ def status() -> list[LabHost]:
         "{{.Names}}",
     )
     names = sorted(out.split())
-    if not names:
-        return []
     key, known_hosts = _key_paths()
     result = []
-    for item in json.loads(docker("inspect", *names)):
+    for item in json.loads(docker("inspect", *names)) if names else []:
         labels = item["Config"]["Labels"] or {}
         networks = item["NetworkSettings"]["Networks"] or {}
         address = (networks.get(_network()) or {}).get("IPAddress", "")
@@ -273,12 +289,31 @@ def status() -> list[LabHost]:
                 image=item["Config"]["Image"],
             )
         )
+    for record in vm.records():
+        result.append(
+            LabHost(
+                name=record.name,
+                address=record.address,
+                release=defaults.VM_SUITE,
+                groups=list(defaults.VM_GROUPS),
+                ssh_user="root",
+                ssh_key=str(key),
+                ssh_known_hosts=str(known_hosts),
+                state="running" if vm.qemu_pid(record.directory) is not None else "exited",
+                image=str(defaults.vm_image_dir() / record.image / "disk.img"),
+                kind="vm",
+            )
+        )
     return result
 
 
 def down(log: Log = print) -> None:
-    """Remove the lab's containers, their volumes and the network; images stay cached."""
+    """Remove the lab's VMs (qemu, tap devices, overlays), containers, their volumes and the
+    network; images stay cached."""
+    vm.stop_vms(log)
     for host in status():
+        if host.kind != "container":
+            continue
         log(f"--> Removing lab host {host.name}")
         docker("rm", "-f", "-v", host.name)
     out = docker(

@@ -1,5 +1,5 @@
-"""Turn the running lab into pyinfra inventory groups: every host over ssh (the production
-connector) with strict host-key checking against the lab's known_hosts."""
+"""Turn the running lab into pyinfra inventory groups: every host (container or VM) over ssh (the
+production connector) with strict host-key checking against the lab's known_hosts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from dockyard_lab import defaults
 from dockyard_lab.docker import DockerError
-from dockyard_lab.fleet import status
+from dockyard_lab.fleet import LabHost, status
 
 # The exported directory on the storage host (on the /srv volume: ganesha needs file handles).
 LAB_EXPORT = "/srv/exports/registry"
@@ -41,9 +41,12 @@ def lab_groups() -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """Inventory groups {group: [(name, data), ...]} of the running lab hosts.
 
     Topology: the first host is the NFS server (nfs-ganesha: the kernel has no nfsd) and runs
-    the registry with its data in the exported directory; the others get fstab entries for the
-    export (only written: no NFS client in the kernel) and libnfs-utils to reach it."""
-    hosts = [h for h in status() if h.state == "running"]
+    the registry with its data in the exported directory; the other containers get fstab entries
+    for the export (only written: no NFS client in the kernel) and libnfs-utils to reach it. VM
+    hosts (`up --vms N`) are ssh hosts in their own group `vms`, with no role yet."""
+    running = [h for h in status() if h.state == "running"]
+    hosts = [h for h in running if h.kind == "container"]
+    vms = [h for h in running if h.kind == "vm"]
     if not hosts:
         raise DockerError("no running lab hosts: run `dockyard-lab up` (or `make deploy`) first")
     storage = next((h for h in hosts if "storage" in h.groups), hosts[0])
@@ -56,17 +59,7 @@ def lab_groups() -> dict[str, list[tuple[str, dict[str, Any]]]]:
     }
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for index, lab_host in enumerate(hosts):
-        data: dict[str, Any] = {
-            "ssh_hostname": lab_host.address,
-            "ssh_user": lab_host.ssh_user,
-            "ssh_key": lab_host.ssh_key,
-            "ssh_known_hosts_file": lab_host.ssh_known_hosts,
-            "ssh_strict_host_key_checking": "yes",
-            "ssh_allow_agent": False,
-            "ssh_look_for_keys": False,
-            "lab_release": lab_host.release,
-            **common,
-        }
+        data: dict[str, Any] = {**_ssh_data(lab_host), **common}
         if lab_host.name != storage.name:
             data["nfs_client_mounts"] = [{"src": f"{storage.address}:{export}", "path": LAB_MOUNT}]
             data["nfs_client_extra_packages"] = ["libnfs-utils"]
@@ -74,4 +67,22 @@ def lab_groups() -> dict[str, list[tuple[str, dict[str, Any]]]]:
             data.update(BTRFS_HOST_DATA)
         for group in lab_host.groups:
             groups.setdefault(group, []).append((lab_host.name, data))
+    for lab_vm in vms:
+        for group in lab_vm.groups:
+            groups.setdefault(group, []).append((lab_vm.name, {**_ssh_data(lab_vm), **common}))
     return groups
+
+
+def _ssh_data(lab_host: LabHost) -> dict[str, Any]:
+    """How pyinfra reaches a lab host: ssh with the lab key, strict host-key checking."""
+    return {
+        "ssh_hostname": lab_host.address,
+        "ssh_user": lab_host.ssh_user,
+        "ssh_key": lab_host.ssh_key,
+        "ssh_known_hosts_file": lab_host.ssh_known_hosts,
+        "ssh_strict_host_key_checking": "yes",
+        "ssh_allow_agent": False,
+        "ssh_look_for_keys": False,
+        "lab_release": lab_host.release,
+        "lab_kind": lab_host.kind,
+    }

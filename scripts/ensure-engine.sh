@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Make sure this (Debian) control machine has what the lab and tests need: Debian's docker.io engine
-# running, debootstrap (lab images), skopeo and docker-registry (the real client and the CNCF
-# reference registry), htpasswd, an ssh client. Idempotent; run as root.
+# running, debootstrap (lab images), qemu and e2fsprogs (the lab's VM hosts), skopeo and
+# docker-registry (the real client and the CNCF reference registry), htpasswd, an ssh client.
+# Idempotent; run as root.
 set -euo pipefail
 
 need=()
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v htpasswd >/dev/null || need+=(apache2-utils)

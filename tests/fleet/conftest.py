@@ -116,8 +116,9 @@ def hosts(lab: list[dict[str, Any]], first_deploy: DeployRun) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def btrfs_host(lab: list[dict[str, Any]]) -> str:
-    """The lab host inventory/lab.py gives a btrfs data root (the last one)."""
-    return str(lab[-1]["name"])
+    """The lab host inventory/lab.py gives a btrfs data root (the last container; VMs never)."""
+    containers = [h for h in lab if h.get("kind", "container") == "container"]
+    return str(containers[-1]["name"])
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,18 @@
 """The lab's pure parts: topology planning, image recipes and their cache keys, the mirror read
-from apt sources, and the CLI's errors for bad input."""
+from apt sources, the VM hosts' image key, addresses, names and qemu command line, and the CLI's
+errors for bad input."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from dockyard_lab import cli, defaults, fleet, images
+from dockyard_lab import cli, defaults, fleet, images, inventory, vm
 
 
 def test_default_plan_is_one_host_per_release_first_host_carries_the_roles() -> None:
@@ -108,3 +113,210 @@ def test_the_core_cli_points_at_dockyard_lab(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("dockyard: error: the lab is not part of the core; run `dockyard-lab ")
+
+
+# --- VM hosts ---------------------------------------------------------------------------------
+
+
+def test_vm_image_key_is_stable_and_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    mirror = "http://deb.debian.org/debian"
+    key = vm.vm_image_key(mirror)
+    assert key == vm.vm_image_key(mirror)
+    assert key.startswith(f"{defaults.VM_SUITE}-") and len(key) == len("bookworm-") + 12
+    assert key != vm.vm_image_key("http://mirror.example/debian")
+    monkeypatch.setattr(defaults, "VM_INCLUDE", (*defaults.VM_INCLUDE, "btrfs-progs"))
+    with_package = vm.vm_image_key(mirror)
+    assert with_package != key
+    monkeypatch.setattr(defaults, "VM_RECIPE_VERSION", defaults.VM_RECIPE_VERSION + 1)
+    assert vm.vm_image_key(mirror) not in (key, with_package)
+    assert vm.vm_recipe(mirror)["include"][-1] == "btrfs-progs"  # type: ignore[index]
+
+
+def test_vm_image_carries_what_the_hosts_need() -> None:
+    for package in ("linux-image-amd64", "openssh-server", "python3", "nfs-kernel-server"):
+        assert package in defaults.VM_INCLUDE
+    assert set(defaults.LAB_INCLUDE) - {"systemd"} <= set(defaults.VM_INCLUDE)
+
+
+def test_vm_addresses_come_from_the_top_of_the_subnet_skipping_used_ones() -> None:
+    got = vm.allocate_addresses(
+        "172.20.0.0/16", "172.20.0.1", ["172.20.0.2", "172.20.255.253/16"], 3
+    )
+    assert [str(a) for a in got] == ["172.20.255.254", "172.20.255.252", "172.20.255.251"]
+    small = vm.allocate_addresses("10.9.8.0/29", "10.9.8.1", ["10.9.8.2", "10.9.8.6"], 3)
+    assert [str(a) for a in small] == ["10.9.8.5", "10.9.8.4", "10.9.8.3"]
+    assert vm.allocate_addresses("10.9.8.0/29", "10.9.8.1", [], 0) == []
+
+
+def test_vm_addresses_run_out_with_a_clear_error() -> None:
+    with pytest.raises(vm.VmError, match=r"no free address left for a VM in the lab network"):
+        vm.allocate_addresses("10.9.8.0/30", "10.9.8.1", ["10.9.8.2"], 1)
+
+
+def test_vm_names_taps_and_macs() -> None:
+    assert vm.vm_names(2) == [f"{defaults.LAB_NAME}-vm1", f"{defaults.LAB_NAME}-vm2"]
+    assert vm.vm_names(0) == []
+    with pytest.raises(ValueError, match="--vms must be 0 or more"):
+        vm.vm_names(-1)
+    taps = {
+        vm.tap_name(f"{lab}-vm{i}") for lab in ("dockyard-lab", "dockyard-test") for i in (1, 2)
+    }
+    assert len(taps) == 4
+    assert all(len(tap) <= 15 and tap.startswith("dytap") for tap in taps)  # IFNAMSIZ - 1
+    assert vm.tap_name("dockyard-lab-vm1") == vm.tap_name("dockyard-lab-vm1")
+    mac = vm.mac_address("dockyard-lab-vm1")
+    assert mac.startswith("52:54:00:") and len(mac.split(":")) == 6
+    assert mac != vm.mac_address("dockyard-test-vm1")
+
+
+def test_vm_interfaces_give_a_static_address_and_the_network_gateway() -> None:
+    text = vm.interfaces_text("172.20.255.254", 16, "172.20.0.1")
+    assert "auto eth0\niface eth0 inet static\n" in text
+    assert "address 172.20.255.254/16\n" in text
+    assert "gateway 172.20.0.1\n" in text
+
+
+def test_qemu_command_line(tmp_path: Path) -> None:
+    image = vm.VmImage.at(tmp_path / "cache" / "bookworm-0123456789ab")
+    vm_dir = tmp_path / "lab-vms" / "lab-vm1"
+    cmd = vm.qemu_command(image, vm_dir, "lab-vm1", "dytap0123456789", "52:54:00:aa:bb:cc")
+    line = " ".join(cmd)
+    assert cmd[0] == "qemu-system-x86_64"
+    assert "-machine q35,accel=tcg -cpu max -smp 2 -m 1024 -nographic" in line
+    assert f"-kernel {image.kernel} -initrd {image.initrd}" in line
+    assert cmd[cmd.index("-append") + 1] == "root=/dev/vda rw console=ttyS0 net.ifnames=0"
+    drives = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-drive"]
+    assert drives == [
+        f"file={vm_dir / 'overlay.qcow2'},if=virtio,format=qcow2",
+        f"file={vm_dir / 'seed.img'},if=virtio,format=raw,readonly=on",
+    ]
+    assert str(image.disk) not in line  # the base image is only the overlay's backing file
+    assert "-netdev tap,id=n0,ifname=dytap0123456789,script=no,downscript=no" in line
+    assert "-device virtio-net-pci,netdev=n0,mac=52:54:00:aa:bb:cc" in line
+    assert f"-serial file:{vm_dir / 'console.log'}" in line
+    assert "-monitor none -parallel none" in line  # what makes -nographic legal as a daemon
+    assert line.endswith(f"-daemonize -pidfile {vm_dir / 'qemu.pid'}")
+
+
+def test_customise_vm_root(tmp_path: Path) -> None:
+    root = tmp_path
+    (root / "etc/ssh").mkdir(parents=True)
+    (root / "etc/ssh/ssh_host_rsa_key").write_text("secret")
+    vm.customise_vm_root(root)
+    assert not list((root / "etc/ssh").glob("ssh_host_*"))
+    link = root / "etc/systemd/system/sysinit.target.wants/dockyard-vm-seed.service"
+    assert link.is_symlink()
+    assert (root / "usr/local/sbin/dockyard-vm-seed").stat().st_mode & 0o111
+    assert (root / "etc/fstab").read_text().startswith("/dev/vda / ext4 ")
+    assert "eth0" not in (root / "etc/network/interfaces").read_text()
+    assert (root / "etc/systemd/system/apt-daily.timer").resolve() == Path("/dev/null")
+    assert (root / "etc/machine-id").read_text() == ""
+
+
+def _vm_record(name: str, address: str) -> vm.VmRecord:
+    return vm.VmRecord(
+        name, address, vm.tap_name(name), vm.mac_address(name), "bookworm-0", "ssh-ed25519 AAAA"
+    )
+
+
+@pytest.fixture
+def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A lab state directory of its own, with a recorded VM whose qemu is not running."""
+    monkeypatch.setenv("DOCKYARD_LAB_DIR", str(tmp_path))
+    record = _vm_record(f"{defaults.LAB_NAME}-vm1", "172.20.255.254")
+    record.directory.mkdir(parents=True)
+    (record.directory / "vm.json").write_text(json.dumps(dataclasses.asdict(record)))
+    (record.directory / "qemu.pid").write_text(f"{os.getpid()}\n")  # not a qemu: not running
+    (record.directory / "overlay.qcow2").write_text("")
+    return tmp_path
+
+
+def test_status_lists_vms_with_their_kind(lab_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fleet, "docker_ok", lambda *args: True)
+    monkeypatch.setattr(fleet, "docker", lambda *args, **kw: "")
+    (host,) = fleet.status()
+    assert host.kind == "vm" and host.to_json()["kind"] == "vm"
+    assert host.groups == list(defaults.VM_GROUPS)
+    assert host.state == "exited"  # the pidfile names a process that is not this VM's qemu
+    assert host.address == "172.20.255.254"
+    assert host.ssh_known_hosts == str(lab_dir / f"{defaults.LAB_NAME}.known_hosts")
+
+
+def test_stop_vms_removes_their_state_and_spares_a_process_that_is_not_their_qemu(
+    lab_dir: Path,
+) -> None:
+    vm.stop_vms(log=lambda line: None)  # the stale pidfile names this test's own process
+    assert not defaults.lab_vm_dir().exists()
+
+
+def test_a_vm_whose_qemu_died_is_an_error_with_its_console_tail(lab_dir: Path) -> None:
+    (record,) = vm.records()
+    (record.directory / "console.log").write_text("[ 1.0] booting\r\nKernel panic - not syncing\n")
+    with pytest.raises(vm.VmError) as raised:
+        vm.wait_for_ssh(record, time.monotonic() + 60)
+    message = str(raised.value)
+    assert message.startswith(f"lab VM {record.name}: qemu exited while booting; console log ")
+    assert message.endswith("[ 1.0] booting\nKernel panic - not syncing")
+
+
+def test_a_vm_that_never_answers_ssh_times_out_naming_it(
+    lab_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (record,) = vm.records()
+    monkeypatch.setattr(vm, "qemu_pid", lambda vm_dir: 4242)  # "running"
+    with pytest.raises(vm.VmError) as raised:
+        vm.wait_for_ssh(record, time.monotonic() - 1)  # the deadline has passed
+    message = str(raised.value)
+    assert f"lab VM {record.name} at 172.20.255.254: sshd did not answer within" in message
+    assert message.endswith("(no console output)")
+
+
+def test_inventory_puts_vms_in_their_own_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKYARD_LAB_DIR", str(tmp_path))
+
+    def host(name: str, kind: str, groups: list[str]) -> fleet.LabHost:
+        return fleet.LabHost(
+            name=name,
+            address="10.0.0.9",
+            release="bookworm",
+            groups=groups,
+            ssh_user="root",
+            ssh_key="key",
+            ssh_known_hosts="known_hosts",
+            state="running",
+            image="image",
+            kind=kind,
+        )
+
+    monkeypatch.setattr(
+        inventory,
+        "status",
+        lambda: [
+            host("c1", "container", ["docker_hosts", "storage", "registry"]),
+            host("c2", "container", ["docker_hosts"]),
+            host("v1", "vm", ["vms"]),
+        ],
+    )
+    groups = inventory.lab_groups()
+    assert [name for name, _ in groups["vms"]] == ["v1"]
+    others = [name for group, members in groups.items() if group != "vms" for name, _ in members]
+    assert "v1" not in others and "c1" in others
+    vm_data = groups["vms"][0][1]
+    assert vm_data["ssh_strict_host_key_checking"] == "yes"
+    assert vm_data["lab_kind"] == "vm"
+    assert "nfs_client_mounts" not in vm_data and "docker_storage_device" not in vm_data
+    assert groups["docker_hosts"][-1][1]["docker_storage_device_fs"] == "btrfs"  # last container
+
+
+def test_cli_vms_must_not_be_negative(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["up", "--vms", "-1"])
+    assert exited.value.code == 2
+    assert "'-1' is not a whole number of at least 0" in capsys.readouterr().err
+
+
+def test_cli_up_defaults_to_no_vms() -> None:
+    assert cli.build_parser().parse_args(["up"]).vms == 0
+    assert cli.build_parser().parse_args(["up", "--vms", "2"]).vms == 2
