@@ -16,6 +16,7 @@ if _CHECKOUT not in sys.path:
 from dockyard_deploys.docker_daemon import configure_docker_daemon
 from dockyard_deploys.docker_engine import install_docker_engine
 from dockyard_deploys.docker_storage import configure_docker_storage
+from dockyard_deploys.docker_volumes import configure_docker_volumes
 from dockyard_deploys.dockyard_core import install_dockyard_core
 from dockyard_deploys.nfs_client import configure_nfs_client
 from dockyard_deploys.nfs_server import configure_nfs_server
@@ -37,6 +38,9 @@ core = install_dockyard_core()
 if "storage" in host.groups:
     configure_nfs_server()
 configure_nfs_client()
+if "docker_hosts" in host.groups:
+    # Named volumes (NFS-backed through the local driver) and host volume directories.
+    configure_docker_volumes()
 
 # Tier 3 — the TLS registry, its data on the NFS-backed path.
 if "registry" in host.groups:

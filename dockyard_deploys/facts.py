@@ -362,3 +362,77 @@ class HostPython(FactBase[Optional[PythonInfo]]):
     def process(self, output: list[str]) -> Optional[PythonInfo]:
         parts = " ".join(output).split()
         return {"version": parts[0], "machine": parts[1]} if len(parts) == 2 else None
+
+
+class NamedVolumeDict(TypedDict):
+    name: str
+    driver: str
+    options: dict
+    labels: dict
+
+
+class DockerNamedVolumes(FactBase[dict]):
+    """
+    Every named volume of the engine (``docker volume inspect`` of ``docker volume ls``), by
+    name: its driver, driver options and labels (``null`` in Docker's output reads as ``{}``).
+    No volumes, or no engine answering, is ``{}``.
+
+    .. code:: python
+
+        # [{"Name": "wp_content", "Driver": "local", "Labels": {"app": "wordpress"},
+        #   "Options": {"device": ":/srv/exports/wp-content", "o": "addr=10.0.0.5,nfsvers=4",
+        #               "type": "nfs"}, "Scope": "local", "Mountpoint": "/var/lib/docker/..."}]
+        {"wp_content": {"name": "wp_content", "driver": "local", "labels": {"app": "wordpress"},
+                        "options": {"device": ":/srv/exports/wp-content",
+                                    "o": "addr=10.0.0.5,nfsvers=4", "type": "nfs"}}}
+    """
+
+    def command(self) -> str:
+        return "docker volume ls -q | xargs -r docker volume inspect"
+
+    def requires_command(self) -> str:
+        return "docker"
+
+    @staticmethod
+    def default() -> dict:
+        return {}
+
+    def process(self, output) -> dict[str, NamedVolumeDict]:
+        text = "\n".join(output).strip()
+        if not text:
+            return {}
+        out: dict[str, NamedVolumeDict] = {}
+        for item in json.loads(text):
+            out[item["Name"]] = {
+                "name": item["Name"],
+                "driver": item.get("Driver") or "",
+                "options": dict(item.get("Options") or {}),
+                "labels": dict(item.get("Labels") or {}),
+            }
+        return out
+
+
+class DockerVolumeUsers(FactBase[list]):
+    """
+    The containers, running or not, that use a named volume (``docker ps -a --filter
+    volume=NAME``), by name.
+
+    .. code:: python
+
+        # wordpress-web
+        # wordpress-backup
+        ["wordpress-backup", "wordpress-web"]
+    """
+
+    def command(self, volume: str) -> str:
+        return f"docker ps -a --filter {shlex.quote('volume=' + volume)} --format '{{{{.Names}}}}'"
+
+    def requires_command(self, volume: str) -> str:
+        return "docker"
+
+    @staticmethod
+    def default() -> list:
+        return []
+
+    def process(self, output) -> list[str]:
+        return sorted({line.strip() for line in output if line.strip()})

@@ -1,9 +1,10 @@
 """Every custom pyinfra operation of dockyard, where none of pyinfra's own fit: daemon.json written
 safely (validate, restart, verify, roll back), the data root's backing store, fstab lines, NFS
-mounts, the registry's guard, container and service, files of the control machine's PKI, and
-failing one host with a clear reason. Each reads facts when it runs, calls `host.noop` when
-nothing changes, shows content diffs with `--diff`, and changes nothing on the control machine
-unless operations execute (never in `--dry`). Each has JSON specs in tests/operations/specs."""
+mounts, the registry's guard, container and service, files of the control machine's PKI, Docker
+named volumes with drift detection, and failing one host with a clear reason. Each reads facts
+when it runs, calls `host.noop` when nothing changes, shows content diffs with `--diff`, and
+changes nothing on the control machine unless operations execute (never in `--dry`). Each has
+JSON specs in tests/operations/specs."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import Mounts
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import files
+from pyinfra.operations.util.docker import handle_docker
 from pyinfra.operations.util.files import generate_color_diff
 
 from dockyard import pki
@@ -38,6 +40,8 @@ from dockyard_deploys.facts import (
     BlockDevice,
     DockerEngine,
     DockerImagePresent,
+    DockerNamedVolumes,
+    DockerVolumeUsers,
     JsonFile,
     KernelNfs,
     RegistryContainer,
@@ -566,3 +570,109 @@ def sync_wheelhouse(
         delete=True,
         exclude=".complete",
     )
+
+
+def volume_drift(
+    current: dict[str, Any], driver: str, options: dict[str, str], labels: dict[str, str]
+) -> list[str]:
+    """What differs between an existing volume and the declared one, one phrase per difference
+    (empty: nothing drifted)."""
+    out = []
+    if current["driver"] != driver:
+        out.append(f"driver {current['driver']!r} → {driver!r}")
+    for what, have, want in (
+        ("option", current["options"], options),
+        ("label", current["labels"], labels),
+    ):
+        for key in sorted(set(have) | set(want)):
+            if have.get(key) != want.get(key):
+                was = repr(have[key]) if key in have else "unset"
+                now = repr(want[key]) if key in want else "unset"
+                out.append(f"{what} {key} {was} → {now}")
+    return out
+
+
+def _keeps_data_inside(current: dict[str, Any]) -> bool:
+    """Whether a volume's data lives in the volume itself (a plain local volume under the data
+    root), so that removing the volume deletes it; NFS, bind and other device-backed volumes
+    keep their data elsewhere."""
+    return current["driver"] == "local" and "device" not in current["options"]
+
+
+@operation()
+def docker_volume(
+    volume: str,
+    driver: str = "local",
+    options: Optional[dict[str, str]] = None,
+    labels: Optional[dict[str, str]] = None,
+    present: bool = True,
+):
+    """
+    A Docker named volume with exactly these driver options and labels. Docker cannot change a
+    volume's options, so a volume that drifted is recreated — only when no container (running
+    or stopped) uses it and its data does not live in the volume itself; otherwise the host
+    fails naming the volume, the drift and the containers. Removed only with ``present=False``,
+    and only when no container uses it.
+
+    + volume: the volume's name
+    + driver: the volume driver (``local``)
+    + options: driver options (``--opt``), e.g. the local driver's ``type``, ``o``, ``device``
+    + labels: the volume's labels
+    + present: ``False`` removes the volume
+
+    .. code:: python
+
+        docker_volume(
+            name="Docker volume wp_content",
+            volume="wp_content",
+            options={"type": "nfs", "o": "addr=nfs-01,nfsvers=4", "device": ":/srv/exports/wp"},
+            labels={"app": "wordpress"},
+        )
+    """
+    options, labels = dict(options or {}), dict(labels or {})
+    current = host.get_fact(DockerNamedVolumes).get(volume)
+    if not present:
+        if current is None:
+            host.noop(f"no volume {volume}")
+            return
+        users = host.get_fact(DockerVolumeUsers, volume=volume)
+        if users:
+            yield fail_command(
+                f"volume {volume} is not removed: containers use it: {', '.join(users)} "
+                "(remove them first: docker rm)"
+            )
+            return
+        yield handle_docker(resource="volume", command="remove", volume=volume)
+        return
+    create = handle_docker(
+        resource="volume",
+        command="create",
+        volume=volume,
+        driver=driver,
+        labels=[f"{k}={v}" for k, v in sorted(labels.items())],
+        options=[f"{k}={v}" for k, v in sorted(options.items())],
+        present=True,
+    )
+    if current is None:
+        yield create
+        return
+    drift = volume_drift(current, driver, options, labels)
+    if not drift:
+        host.noop(f"volume {volume} has the declared driver, options and labels")
+        return
+    users = host.get_fact(DockerVolumeUsers, volume=volume)
+    if users:
+        yield fail_command(
+            f"volume {volume} drifted ({'; '.join(drift)}) but is not recreated: containers use "
+            f"it: {', '.join(users)} (remove them, deploy again, then recreate them)"
+        )
+        return
+    if _keeps_data_inside(current):
+        yield fail_command(
+            f"volume {volume} drifted ({'; '.join(drift)}) but is not recreated: its data lives "
+            f"in the volume and would be deleted; remove it yourself (docker volume rm {volume}) "
+            "and deploy again to recreate it empty"
+        )
+        return
+    yield handle_docker(resource="volume", command="remove", volume=volume)
+    yield create

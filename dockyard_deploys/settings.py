@@ -521,6 +521,215 @@ class CoreSettings:
         )
 
 
+# --- Docker volumes -----------------------------------------------------------------------------
+
+# Docker's own rule for volume names (daemon/names.RestrictedNamePattern).
+VOLUME_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
+_VOLUME_DRIVER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$")
+_NFS_SERVER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_-]*$")
+_NFS_PATH = re.compile(r"^/[A-Za-z0-9._/-]*$")
+_NFS_VOLUME_OPTION = re.compile(r"^[a-z0-9_]+(=[A-Za-z0-9_.:/-]+)?$")
+# Set by the nfs shorthand itself (addr from the server, the NFS version 4).
+_NFS_SHORTHAND_OPTIONS: tuple[str, ...] = ("addr", "nfsvers", "vers")
+_OWNER = re.compile(r"^([a-z_][a-z0-9_.-]*\$?|[0-9]+)$")
+STATES: tuple[str, ...] = ("present", "absent")
+
+
+@dataclass(frozen=True)
+class NfsVolumeSource:
+    """The `nfs` shorthand of a volume: where the local driver mounts it from."""
+
+    # NFS server; None: the first host of the `storage` group (its ssh_hostname, or its name).
+    server: Optional[str]
+    # Exported path on the server.
+    path: str
+    # Extra NFS mount options after addr=<server>,nfsvers=4 ("soft,timeo=50").
+    options: str = ""
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """One named volume as declared; `driver_options` gives what `docker volume create --opt`
+    gets (the nfs shorthand expanded)."""
+
+    name: str
+    driver: str = "local"
+    # Raw driver options (`--opt key=value`); empty when `nfs` is given.
+    driver_opts: dict[str, str] = field(default_factory=dict)
+    nfs: Optional[NfsVolumeSource] = None
+    labels: dict[str, str] = field(default_factory=dict)
+    state: str = "present"
+
+    def driver_options(self, storage_address: Optional[str]) -> dict[str, str]:
+        """The driver options, with the nfs shorthand expanded for the local driver's `type=nfs`
+        (`storage_address`: the server of an nfs shorthand that names none)."""
+        if self.nfs is None:
+            return dict(self.driver_opts)
+        server = self.nfs.server or storage_address
+        if not server:
+            raise SettingsError(
+                f"docker_volumes: volume {self.name}: nfs.server is not set and the inventory "
+                "has no storage host; valid: a host name or IP address"
+            )
+        extra = f",{self.nfs.options}" if self.nfs.options else ""
+        return {
+            "type": "nfs",
+            "o": f"addr={server},nfsvers=4{extra}",
+            "device": f":{self.nfs.path}",
+        }
+
+
+@dataclass(frozen=True)
+class VolumeDir:
+    """One host directory for bind-mounted volumes."""
+
+    path: str
+    owner: str = "root"
+    group: str = "root"
+    mode: str = "0750"
+    state: str = "present"
+
+
+def _string_map(key: str, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and k and isinstance(v, (str, int)) and not isinstance(v, bool)
+        for k, v in value.items()
+    ):
+        raise invalid(key, value, "a mapping of non-empty string keys to strings")
+    return {k: str(v) for k, v in value.items()}
+
+
+def _volume_spec(index: int, item: Any) -> VolumeSpec:
+    key = f"docker_volumes[{index}]"
+    if not isinstance(item, Mapping):
+        raise invalid(
+            key, item, "a mapping with a name (and driver, nfs or driver_opts, labels, state)"
+        )
+    unknown = sorted(set(item) - {"name", "driver", "nfs", "driver_opts", "labels", "state"})
+    if unknown:
+        raise invalid(
+            f"{key}.{unknown[0]}", item[unknown[0]], "name, driver, nfs, driver_opts, labels, state"
+        )
+    name = item.get("name")
+    if not isinstance(name, str) or not VOLUME_NAME.match(name):
+        raise invalid(f"{key}.name", name, f"a Docker volume name matching {VOLUME_NAME.pattern}")
+    driver = item.get("driver") or "local"
+    if not isinstance(driver, str) or not _VOLUME_DRIVER.match(driver):
+        raise invalid(f"{key}.driver", driver, "local, or a volume plugin's name")
+    state = item.get("state") or "present"
+    if state not in STATES:
+        raise invalid(f"{key}.state", state, ", ".join(STATES))
+    driver_opts = _string_map(f"{key}.driver_opts", item.get("driver_opts"))
+    labels = _string_map(f"{key}.labels", item.get("labels"))
+    raw_nfs = item.get("nfs")
+    nfs = None
+    if raw_nfs is not None:
+        if driver != "local" or driver_opts:
+            raise invalid(
+                f"{key}.nfs", raw_nfs, "the local driver's NFS shorthand, without driver_opts"
+            )
+        if not isinstance(raw_nfs, Mapping) or set(raw_nfs) - {"server", "path", "options"}:
+            raise invalid(f"{key}.nfs", raw_nfs, "a mapping of server, path, options")
+        server = raw_nfs.get("server")
+        if server is not None and not (isinstance(server, str) and _NFS_SERVER.match(server)):
+            raise invalid(
+                f"{key}.nfs.server",
+                server,
+                "a host name or IP address (or unset: the storage host)",
+            )
+        path = raw_nfs.get("path")
+        if not isinstance(path, str) or not _NFS_PATH.match(path):
+            raise invalid(f"{key}.nfs.path", path, "the exported absolute path")
+        options = raw_nfs.get("options") or ""
+        parts = options.split(",") if isinstance(options, str) and options else []
+        if not isinstance(options, str) or any(
+            not _NFS_VOLUME_OPTION.match(o) or o.split("=", 1)[0] in _NFS_SHORTHAND_OPTIONS
+            for o in parts
+        ):
+            raise invalid(
+                f"{key}.nfs.options",
+                options,
+                "comma-separated NFS mount options other than "
+                + ", ".join(_NFS_SHORTHAND_OPTIONS)
+                + " (set by the shorthand)",
+            )
+        nfs = NfsVolumeSource(server, path.rstrip("/") or "/", options)
+    return VolumeSpec(name, driver, driver_opts, nfs, labels, state)
+
+
+def _volume_dir(index: int, item: Any) -> VolumeDir:
+    key = f"docker_volume_dirs[{index}]"
+    if not isinstance(item, Mapping):
+        raise invalid(key, item, "a mapping with a path (and owner, group, mode, state)")
+    allowed = {"path", "owner", "group", "mode", "state", "world_writable"}
+    unknown = sorted(set(item) - allowed)
+    if unknown:
+        raise invalid(f"{key}.{unknown[0]}", item[unknown[0]], ", ".join(sorted(allowed)))
+    path = item.get("path")
+    if not isinstance(path, str) or not posixpath.isabs(path) or " " in path:
+        raise invalid(f"{key}.path", path, "an absolute path without spaces")
+    path = posixpath.normpath(path)
+    if path in SYSTEM_DIRS:
+        raise invalid(f"{key}.path", path, "a dedicated directory, not " + ", ".join(SYSTEM_DIRS))
+    base = VolumeDir(path)
+    owner, group = item.get("owner") or base.owner, item.get("group") or base.group
+    for part, value in (("owner", owner), ("group", group)):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not _OWNER.match(value):
+            raise invalid(f"{key}.{part}", value, "a user or group name, or a numeric id")
+    mode = item.get("mode") or base.mode
+    if not isinstance(mode, str) or not _MODE.match(mode):
+        raise invalid(f"{key}.mode", mode, "an octal mode string like '0750'")
+    world_writable = item.get("world_writable", False)
+    if not isinstance(world_writable, bool):
+        raise invalid(f"{key}.world_writable", world_writable, "true or false")
+    if int(mode, 8) & 0o002 and not world_writable:
+        raise invalid(
+            f"{key}.mode",
+            mode,
+            "a mode other users cannot write (0750, 0770, 0755); a world-writable one only "
+            "with world_writable: true",
+        )
+    state = item.get("state") or "present"
+    if state not in STATES:
+        raise invalid(f"{key}.state", state, ", ".join(STATES))
+    return VolumeDir(path, str(owner), str(group), mode.zfill(4), state)
+
+
+@dataclass(frozen=True)
+class VolumeSettings:
+    """`docker_volumes` and `docker_volume_dirs`: the named volumes and the host directories a
+    Docker host keeps for its containers. Nothing is removed unless its `state` is `absent`."""
+
+    # Named volumes: name, driver (local), nfs {server, path, options} or driver_opts, labels,
+    # state (present; absent removes it).
+    volumes: tuple[VolumeSpec, ...] = ()
+    # Host directories: path, owner (root), group (root), mode (0750), state, world_writable.
+    volume_dirs: tuple[VolumeDir, ...] = ()
+
+    @classmethod
+    def from_data(cls, data: Any) -> VolumeSettings:
+        lists = {}
+        for key in ("docker_volumes", "docker_volume_dirs"):
+            raw = data.get(key)
+            if raw is not None and not isinstance(raw, (list, tuple)):
+                raise invalid(key, raw, "a list of mappings")
+            lists[key] = list(raw or [])
+        volumes = tuple(_volume_spec(i, item) for i, item in enumerate(lists["docker_volumes"]))
+        dirs = tuple(_volume_dir(i, item) for i, item in enumerate(lists["docker_volume_dirs"]))
+        for key, names in (
+            ("docker_volumes", [v.name for v in volumes]),
+            ("docker_volume_dirs", [d.path for d in dirs]),
+        ):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise invalid(key, twice[0], "each name or path listed once")
+        return cls(volumes=volumes, volume_dirs=dirs)
+
+
 # --- one object per concern per host ------------------------------------------------------------
 
 # Each concern's settings class and the prefix of its data keys: a field `x` is the key
@@ -535,6 +744,7 @@ PREFIXES: dict[type, str] = {
     TrustSettings: "registry_trust_",
     RegistrySettings: "registry_",
     CoreSettings: "dockyard_core_",
+    VolumeSettings: "docker_",
 }
 
 
@@ -591,3 +801,7 @@ def registry(on: Any = None) -> RegistrySettings:
 
 def core(on: Any = None) -> CoreSettings:
     return _cached(CoreSettings, CoreSettings.from_data, on)
+
+
+def volumes(on: Any = None) -> VolumeSettings:
+    return _cached(VolumeSettings, VolumeSettings.from_data, on)
