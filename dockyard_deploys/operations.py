@@ -479,7 +479,7 @@ def pki_file(
     kind: str,
     dest: str,
     leaf: str = "",
-    part: str = "cert",
+    part: Optional[str] = None,
     dns: Optional[list[str]] = None,
     ips: Optional[list[str]] = None,
     user: Optional[str] = None,
@@ -496,7 +496,7 @@ def pki_file(
     + kind: ``ca`` (its certificate), ``server`` or ``client`` (a leaf certificate)
     + dest: path on the host
     + leaf: the leaf certificate's name (``registry-<host>``, ``client-<host>``)
-    + part: ``cert`` or ``key`` of a leaf
+    + part: ``cert`` or ``key`` of a leaf (required for a leaf)
     + dns, ips: a server certificate's subjectAltNames
     + user, group, mode: of the file on the host
 
@@ -505,12 +505,15 @@ def pki_file(
         pki_file(pki_dir="~/.local/share/dockyard/pki", kind="ca",
                  dest="/etc/docker/certs.d/reg:5443/ca.crt", mode="0444")
     """
-    if (
-        kind not in ("ca", "server", "client")
-        or part not in ("cert", "key")
-        or (kind == "ca" and part != "cert")
-    ):
-        raise OperationValueError(f"pki_file: kind={kind!r} part={part!r} is not valid")
+    # A leaf's part is always named: a default would push the certificate where the key
+    # belongs (it did, for client certificates) and nothing would say so until a TLS handshake.
+    if kind == "ca" and part in (None, "cert"):
+        part = "cert"
+    elif kind not in ("server", "client") or part not in ("cert", "key"):
+        raise OperationValueError(
+            f"pki_file: kind={kind!r} part={part!r} is not valid; valid: kind 'ca' (part "
+            "omitted or 'cert'), or kind 'server'/'client' with part 'cert' or 'key'"
+        )
     dns, ips = list(dns or []), list(ips or [])
     source = pki_source(pki_dir, kind, leaf, part)
     if _executing():

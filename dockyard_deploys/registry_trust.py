@@ -132,6 +132,7 @@ def configure_registry_trust() -> None:
                 pki_dir=pki_dir,
                 kind="client",
                 leaf=f"client-{host.name}",
+                part=part,
                 dest=f"{directory}/{dest}",
                 user="root",
                 group="root",

@@ -166,6 +166,22 @@ def test_preparing_a_run_creates_nothing_on_the_control_machine(
     assert "would issue client-docker-01.example.net.crt" in caplog.text
 
 
+def test_client_certificate_and_key_go_to_their_own_files(
+    monkeypatch: pytest.MonkeyPatch, control_machine: Path
+) -> None:
+    """Bug (found by the lab's mutual-TLS test): the client key step pushed the certificate as
+    client.key, so every pull through certs.d failed with `PEM lib`."""
+    data = {**REGISTRY_MOUNTED, "registry_client_certs": True}
+    fleet = run_deploy_py(seed(data, {"Mounts": NFS_MOUNTED}), monkeypatch)
+    host = "docker-01.example.net"
+    for part, local, remote in (("cert", ".crt", "client.cert"), ("key", ".key", "client.key")):
+        op = fleet.op(host, f"Trust the fleet registry | Install this host's client {part}")
+        (upload,) = op.commands()
+        assert upload.startswith("upload ") and upload.endswith(f"/{remote}"), upload
+        source = upload.split(" ")[1]
+        assert source.endswith(f"/client-{host}{local}"), upload
+
+
 def test_refused_storage_does_not_drop_registry_trust_silently(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

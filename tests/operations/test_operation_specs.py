@@ -88,3 +88,12 @@ def test_operation_spec(
     if "pki_files" in case:
         present = sorted(p.name for p in Path(pki).glob("*")) if Path(pki).exists() else []
         assert present == case["pki_files"]
+
+
+@pytest.mark.parametrize("kind", ["server", "client"])
+def test_a_leaf_pki_file_must_name_its_part(kind: str, tmp_path: Path) -> None:
+    """Left to a default, a leaf's part pushed the certificate where the key belongs."""
+    from pyinfra.api import OperationValueError
+
+    with pytest.raises(OperationValueError, match="part 'cert' or 'key'"):
+        list(operations.pki_file._inner(pki_dir=str(tmp_path), kind=kind, leaf="x", dest="/d"))
