@@ -88,7 +88,10 @@ def physical_limits(base: Path) -> None:
 
 
 def bench_apply(base: Path, sizes: list[tuple[int, int]]) -> list[tuple[str, float]]:
-    print(f"layer apply (MB/s of uncompressed layer, best of {ROUNDS}, synced between runs)")
+    print(
+        f"layer apply (MB/s of uncompressed layer, best of {ROUNDS} ({ROUNDS + 4} for 2000 files), "
+        "the two sides interleaved, synced between runs)"
+    )
     print(
         f"{'layer':>10} {'files':>6} | {'dockyard':>9} {'tar -xzf':>9} {'ratio':>6} |"
         f" {'dockyard (plain)':>16} {'tar -xf (plain)':>15} {'ratio':>6}"
@@ -117,8 +120,19 @@ def bench_apply(base: Path, sizes: list[tuple[int, int]]) -> list[tuple[str, flo
             def tar_apply(path: Path = path, flags: str = flags, theirs: Path = theirs) -> None:
                 subprocess.run(["tar", flags, str(path), "-C", str(theirs)], check=True)
 
-            t_ours = best(ours_apply, lambda ours=ours: fresh(ours))
-            t_tar = best(tar_apply, lambda theirs=theirs: fresh(theirs))
+            # interleaved, the order alternating: file creation on this disk varies run to run
+            # (a bare loop creating 2000 files takes 0.25-0.95 s), so both sides get the same
+            # mix of states; many-file layers get more rounds
+            rounds = ROUNDS + 4 if files >= 1000 else ROUNDS
+            t_ours = t_tar = float("inf")
+            for r in range(rounds):
+                pair = [("ours", ours_apply, ours), ("tar", tar_apply, theirs)]
+                for side, fn, target in pair if r % 2 == 0 else reversed(pair):
+                    t = best(fn, lambda target=target: fresh(target), 1)
+                    if side == "ours":
+                        t_ours = min(t_ours, t)
+                    else:
+                        t_tar = min(t_tar, t)
             rates.append((mb / t_ours, mb / t_tar))
             for d in (ours, theirs):
                 shutil.rmtree(d, ignore_errors=True)
@@ -338,13 +352,13 @@ TARGETS = {"gzip": 1.0, "plain": 1.0, "image pull": 1.0}
 
 
 def report_targets(ratios: list[tuple[str, float]]) -> None:
-    """Each cell against the issue's target: plain large files and gzip >= 1.0x tar, 2000 small
-    files >= 0.7x, image pull >= 1.0x skopeo copy + tar."""
+    """Each cell against the issue's target: a layer of 2000 small files (plain or gzip) >= 0.7x
+    tar, other plain and gzip layers >= 1.0x, image pull >= 1.0x skopeo copy + tar."""
     print("\ntargets")
     for name, ratio in ratios:
         target = (
             0.7
-            if "x 2000 plain" in name
+            if "x 2000 " in name
             else next(value for key, value in TARGETS.items() if key in name)
         )
         verdict = "met" if ratio >= target else "NOT met"
