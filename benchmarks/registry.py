@@ -345,7 +345,9 @@ def report_cpu(push_cpu: dict[tuple[int, int, str], tuple[float, float]]) -> Non
         )
 
 
-def bench_manifest_get(port: int) -> float:
+def bench_manifest_get(port: int, pid: int) -> tuple[float, float, float]:
+    """Manifest GETs per second over keep-alive connections, and the CPU per GET (ms) of the
+    server's processes and of the client."""
     config = b"{}"
     digest = "sha256:" + hashlib.sha256(config).hexdigest()
     tmp = Path(tempfile.mkstemp()[1])
@@ -388,8 +390,15 @@ def bench_manifest_get(port: int) -> float:
             assert r.status == 200
         c.close()
 
+    before = (_tree_cpu(pid), _self_cpu())
     elapsed = _parallel([worker] * MANIFEST_THREADS, MANIFEST_THREADS)
-    return per_thread * MANIFEST_THREADS / elapsed
+    after = (_tree_cpu(pid), _self_cpu())
+    requests = per_thread * MANIFEST_THREADS
+    return (
+        requests / elapsed,
+        (after[0] - before[0]) / requests * 1000,
+        (after[1] - before[1]) / requests * 1000,
+    )
 
 
 # The issue's targets: push at concurrency 8 against the disk's durable write rate, 1 MiB x 1
@@ -530,11 +539,22 @@ def main() -> int:
                 flush=True,
             )
         report_cpu(push_cpu)
-        gets = {kind: bench_manifest_get(servers[kind].port) for kind in servers}
+        measured = {
+            kind: bench_manifest_get(servers[kind].port, servers[kind].process.pid)
+            for kind in servers
+        }
+        gets = {kind: value[0] for kind, value in measured.items()}
         get_ratio = gets["dockyard"] / gets["distribution"]
         print(
             f"manifest GET req/s: dockyard {gets['dockyard']:.0f}, distribution "
             f"{gets['distribution']:.0f}, ratio {get_ratio:.2f}x"
+        )
+        print(
+            "  CPU per GET, server + client (ms): "
+            + ", ".join(
+                f"{kind} {server:.3f} + {client:.3f}"
+                for kind, (_, server, client) in measured.items()
+            )
         )
         settle(written, disk)
         disk_after = disk_write_rate(base)
