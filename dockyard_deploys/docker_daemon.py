@@ -1,7 +1,8 @@
 """The one owner of /etc/docker/daemon.json: merges the keys set by hand in the file, the free-form
-`docker_daemon_options` and the keys of every concern in `CONTRIBUTORS` (storage driver,
-insecure registries), writes the file once, validates it, restarts the engine only on change and
-rolls back when the engine does not come up. A key a concern manages may not be set to a
+`docker_daemon_options` and the keys of every concern in `CONTRIBUTORS` (live-restore, storage
+driver, insecure registries), writes the file once, validates it, restarts the engine only on
+change — one host at a time, and by a reload where only reloadable keys changed — and rolls back
+when the engine does not come up. A key a concern manages may not be set to a
 conflicting value in `docker_daemon_options`; a refused storage plan writes nothing and says so."""
 
 from __future__ import annotations
@@ -33,8 +34,19 @@ class Contributor:
     settings_for: dict[str, str]
 
 
+def daemon_keys(current: dict[str, Any]) -> dict[str, Any]:
+    """This concern's own keys: `live-restore` (on unless docker_daemon_live_restore=false), so
+    running containers survive the engine restarts dockyard does."""
+    return {"live-restore": settings.daemon().live_restore}
+
+
 # Every concern that writes daemon.json keys, in merge order. Add a concern here, nowhere else.
 CONTRIBUTORS: tuple[Contributor, ...] = (
+    Contributor(
+        "docker_daemon",
+        daemon_keys,
+        {"live-restore": "docker_daemon_live_restore"},
+    ),
     Contributor(
         "docker_storage",
         docker_storage.daemon_keys,
@@ -99,11 +111,12 @@ def desired_config(current: dict[str, Any], options: dict[str, Any]) -> tuple[di
 @deploy("Configure the Docker daemon")
 def configure_docker_daemon() -> None:
     """
-    Write daemon.json from every concern's keys and docker_daemon_options; restart and verify
-    only when it changed.
+    Write daemon.json from every concern's keys and docker_daemon_options; restart (or reload,
+    where only reloadable keys changed) and verify only when it changed, one host at a time.
 
     + docker_daemon_config_path: the configuration file
     + docker_daemon_options: free-form keys merged into it
+    + docker_daemon_live_restore: live-restore, on by default
 
     Example:
 
@@ -117,4 +130,6 @@ def configure_docker_daemon() -> None:
         name="Write daemon.json, validate it, restart the engine on change and verify the driver",
         path=daemon.config_path,
         options=daemon.options,
+        # One engine at a time: never every host's engine down at once.
+        _serial=True,
     )

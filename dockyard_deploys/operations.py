@@ -1,10 +1,10 @@
 """Every custom pyinfra operation of dockyard, where none of pyinfra's own fit: daemon.json written
-safely (validate, restart, verify, roll back), the data root's backing store, fstab lines, NFS
-mounts, the registry's guard, container and service, files of the control machine's PKI, Docker
-named volumes with drift detection, and failing one host with a clear reason. Each reads facts
-when it runs, calls `host.noop` when nothing changes, shows content diffs with `--diff`, and
-changes nothing on the control machine unless operations execute (never in `--dry`). Each has
-JSON specs in tests/operations/specs."""
+safely (validate, reload or restart, verify, roll back), the data root's backing store, fstab
+lines, NFS mounts, the registry's guard, container and service, files of the control machine's
+PKI, Docker named volumes with drift detection, and failing one host with a clear reason. Each
+reads facts when it runs, calls `host.noop` when nothing changes, shows content diffs with
+`--diff`, and changes nothing on the control machine unless operations execute (never in
+`--dry`). Each has JSON specs in tests/operations/specs."""
 
 from __future__ import annotations
 
@@ -72,9 +72,75 @@ def merge_config(current: dict[str, Any], keys: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+# daemon.json keys dockerd applies when it reloads its configuration on SIGHUP (`systemctl
+# reload docker`), as dockerd's reference documents ("Configuration reload behavior") and moby's
+# daemon/reload.go lists them: a change to these keys alone is applied by a reload, which stops
+# no container, and verified in `docker info`. Any other change restarts the engine.
+RELOADABLE_KEYS: tuple[str, ...] = ("insecure-registries", "registry-mirrors", "live-restore")
+# Seconds a reload gets to show its new values in `docker info` before the engine is restarted.
+ENGINE_RELOAD_TIMEOUT = 10
+# `docker info` templates: the registries the engine treats as insecure, and its mirrors, one a
+# line.
+_INSECURE_TEMPLATE = (
+    '{{range $k, $v := .RegistryConfig.IndexConfigs}}{{if not $v.Secure}}{{$k}}{{"\\n"}}'
+    '{{end}}{{end}}{{range .RegistryConfig.InsecureRegistryCIDRs}}{{.}}{{"\\n"}}{{end}}'
+)
+_MIRRORS_TEMPLATE = '{{range .RegistryConfig.Mirrors}}{{.}}{{"\\n"}}{{end}}'
+
+
+def _registry_name(entry: str) -> str:
+    """An insecure-registries entry as `docker info` lists it: no scheme, no trailing slash."""
+    for scheme in ("http://", "https://"):
+        if entry.startswith(scheme):
+            entry = entry[len(scheme) :]
+    return entry.rstrip("/")
+
+
+def _listed(var: str, items: list[str], present: bool) -> list[str]:
+    q = shlex.quote
+    neg = "" if present else "! "
+    return [f"{neg}printf '%s\\n' \"${var}\" | grep -qxF -- {q(i)} || return 1" for i in items]
+
+
+def reload_check(current: dict[str, Any], wanted: dict[str, Any]) -> Optional[str]:
+    """Shell that succeeds once `docker info` shows every changed key's new value, when only
+    `RELOADABLE_KEYS` change from `current` to `wanted`; None when the change needs a restart."""
+    changed = sorted(k for k in {*current, *wanted} if current.get(k) != wanted.get(k))
+    if not changed or any(k not in RELOADABLE_KEYS for k in changed):
+        return None
+    q = shlex.quote
+    lines: list[str] = []
+    for key, template, norm in (
+        ("insecure-registries", _INSECURE_TEMPLATE, _registry_name),
+        ("registry-mirrors", _MIRRORS_TEMPLATE, lambda m: m.rstrip("/") + "/"),
+    ):
+        if key not in changed:
+            continue
+        old, new = current.get(key) or [], wanted.get(key) or []
+        if not isinstance(old, list) or not isinstance(new, list):
+            return None
+        want = [norm(str(e)) for e in new]
+        gone = [norm(str(e)) for e in old if norm(str(e)) not in want]
+        if key == "insecure-registries":
+            # A CIDR may be listed in a normalised form, or stay covered by a default range.
+            gone = [e for e in gone if "/" not in e]
+        var = "ins" if key == "insecure-registries" else "mir"
+        lines.append(f"{var}=$(docker info --format {q(template)} 2>/dev/null) || return 1")
+        lines += _listed(var, want, True) + _listed(var, gone, False)
+    if "live-restore" in changed:
+        value = wanted.get("live-restore", False)
+        if not isinstance(value, bool):
+            return None
+        lines.append(
+            "[ \"$(docker info --format '{{.LiveRestoreEnabled}}' 2>/dev/null)\" = "
+            f"{str(value).lower()} ] || return 1"
+        )
+    return "\n".join(lines + ["return 0"])
+
+
 # Run on the host by `daemon_json`; @TOKENS@ are filled in (shell-quoted) by `apply_script`.
 _APPLY_SCRIPT = """set -u
-cfg=@CFG@; new=@NEW@; bak=@BAK@; want=@WANT@
+cfg=@CFG@; new=@NEW@; bak=@BAK@; want=@WANT@; reload=@RELOAD@
 if dockerd --help 2>&1 | grep -q -- '--validate'; then
   if ! out=$(dockerd --validate --config-file "$new" 2>&1); then
     rm -f "$new"
@@ -95,6 +161,33 @@ start() {
   done
   [ "$got" = "$want" ]
 }
+reloaded() {
+@CHECK@
+}
+reload() {
+  if [ "$(systemctl show -p CanReload docker.service 2>/dev/null)" = CanReload=yes ]; then
+    systemctl reload docker.service >/dev/null 2>&1 || return 1
+  else
+    pid=$(systemctl show -p MainPID docker.service 2>/dev/null); pid=${pid#MainPID=}
+    if [ -z "$pid" ] || [ "$pid" = 0 ]; then pid=$(pidof dockerd) || return 1; fi
+    kill -HUP $pid || return 1
+  fi
+  i=0
+  while [ $i -lt @RELOAD_TIMEOUT@ ]; do
+    if [ "$(docker info --format '{{.Driver}}' 2>/dev/null)" = "$want" ] && reloaded; then
+      return 0
+    fi
+    sleep 1; i=$((i + 1))
+  done
+  return 1
+}
+if [ "$reload" = 1 ]; then
+  if reload; then
+    echo "reloaded the engine (no restart): the new settings are in effect, storage driver $want"
+    exit 0
+  fi
+  echo "the engine did not show the reloaded settings; restarting it"
+fi
 if start; then
   echo "storage driver $want is running"
   exit 0
@@ -115,11 +208,16 @@ exit 1
 """
 
 
-def apply_script(path: str, staged: str, expect_driver: str, timeout: int) -> str:
+def apply_script(
+    path: str, staged: str, expect_driver: str, timeout: int, check: Optional[str] = None
+) -> str:
     """Shell run on the host: validate the staged file, swap it in, restart, verify, roll back.
 
-    The engine is never left down: if it does not come back with `expect_driver`, the previous
-    file is restored, the engine restarted on it, and the script exits 1 with the reason.
+    With `check` (from `reload_check`) the engine is reloaded instead (`systemctl reload`, or
+    SIGHUP to dockerd where the unit has no reload action) and `check` must pass within
+    ENGINE_RELOAD_TIMEOUT; if it does not, the engine is restarted as without it. The engine is
+    never left down: if it does not come back with `expect_driver`, the previous file is
+    restored, the engine restarted on it, and the script exits 1 with the reason.
     """
     q = shlex.quote
     return (
@@ -127,7 +225,10 @@ def apply_script(path: str, staged: str, expect_driver: str, timeout: int) -> st
         .replace("@NEW@", q(staged))
         .replace("@BAK@", q(path + ".dockyard-prev"))
         .replace("@WANT@", q(expect_driver))
+        .replace("@RELOAD@", "1" if check else "0")
+        .replace("@RELOAD_TIMEOUT@", str(ENGINE_RELOAD_TIMEOUT))
         .replace("@TIMEOUT@", str(int(timeout)))
+        .replace("@CHECK@", check or "return 1")
     )
 
 
@@ -159,8 +260,9 @@ def show_diff(path: str, current: Optional[list[str]], desired: str) -> None:
 def daemon_json(path: str = "/etc/docker/daemon.json", options: Optional[dict[str, Any]] = None):
     """
     Merge every concern's keys and ``options`` into daemon.json, validate, restart the engine only
-    on change, verify the storage driver it reports and roll back to the previous file when it
-    does not come up.
+    on change (reload it when only ``RELOADABLE_KEYS`` change on a running engine, and verify the
+    new values in ``docker info``), verify the storage driver it reports and roll back to the
+    previous file when it does not come up.
 
     + path: the daemon configuration file
     + options: free-form keys (``docker_daemon_options``); a key a concern manages must agree
@@ -198,9 +300,13 @@ def daemon_json(path: str = "/etc/docker/daemon.json", options: Optional[dict[st
             path, host.get_fact(FileContents, path=path) if current["exists"] else None, content
         )
     staged = f"{path}.dockyard-new"
+    # Only reloadable keys changed on a healthy engine: reload it, no container stops.
+    check = (
+        reload_check(current["content"] or {}, merged) if current["exists"] and healthy else None
+    )
     yield StringCommand(f"mkdir -p {shlex.quote(path.rsplit('/', 1)[0] or '/')}")
     yield FileUploadCommand(StringIO(content), staged)
-    yield StringCommand(apply_script(path, staged, driver, ENGINE_READY_TIMEOUT))
+    yield StringCommand(apply_script(path, staged, driver, ENGINE_READY_TIMEOUT, check))
 
 
 @operation()

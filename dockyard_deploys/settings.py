@@ -207,12 +207,14 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class DaemonSettings:
-    """`docker_daemon_*`: the file and the free-form keys merged into it."""
+    """`docker_daemon_*`: the file, the free-form keys merged into it and live-restore."""
 
     # Path of the engine's configuration file.
     config_path: str = "/etc/docker/daemon.json"
     # Free-form daemon.json keys (as geerlingguy.docker's docker_daemon_options).
     options: dict[str, Any] = field(default_factory=dict)
+    # daemon.json's `live-restore`: running containers survive an engine restart.
+    live_restore: bool = True
 
     @classmethod
     def from_data(cls, data: Any) -> DaemonSettings:
@@ -220,6 +222,7 @@ class DaemonSettings:
         return cls(
             config_path=d.path("docker_daemon_config_path", base.config_path),
             options=d.mapping("docker_daemon_options"),
+            live_restore=d.flag("docker_daemon_live_restore", base.live_restore),
         )
 
 

@@ -49,7 +49,7 @@ def test_engine_active_and_enabled(hosts: dict[str, Any]) -> None:
 def test_daemon_json_and_driver_match(hosts: dict[str, Any], btrfs_host: str) -> None:
     for name, host in hosts.items():
         want = "btrfs" if name == btrfs_host else "overlay2"
-        assert _daemon_json(host) == {"storage-driver": want}, name
+        assert _daemon_json(host) == {"live-restore": True, "storage-driver": want}, name
         assert _driver(host) == want, name
         config = host.file("/etc/docker/daemon.json")
         assert config.user == "root" and config.mode == 0o644
@@ -89,7 +89,7 @@ def test_unknown_driver_names_the_valid_ones(hosts: dict[str, Any], overlay_host
     assert run.returncode != 0
     assert "docker_storage_driver='overlay' is never configured" in run.log
     assert "valid: overlay2, btrfs, zfs, devicemapper, vfs" in run.log
-    _unchanged(hosts[overlay_host], {"storage-driver": "overlay2"}, "overlay2")
+    _unchanged(hosts[overlay_host], {"live-restore": True, "storage-driver": "overlay2"}, "overlay2")
 
 
 def test_engine_that_will_not_start_is_rolled_back(
@@ -115,7 +115,7 @@ def test_switch_that_would_hide_images_is_refused(hosts: dict[str, Any], overlay
         assert run.returncode != 0
         assert "switching the storage driver from overlay2 to vfs would hide 1 image(s)" in run.log
         assert "docker_storage_allow_switch=true" in run.log
-        _unchanged(host, {"storage-driver": "overlay2"}, "overlay2")
+        _unchanged(host, {"live-restore": True, "storage-driver": "overlay2"}, "overlay2")
         assert host.check_output("docker images -q dockyard-test/tiny:1")
     finally:
         host.run("docker rmi dockyard-test/tiny:1")

@@ -18,6 +18,7 @@ from io import StringIO
 from types import SimpleNamespace
 from typing import Any, Callable
 
+import pyinfra
 import pyinfra.facts.files
 import pyinfra.facts.server
 import pyinfra.facts.systemd
@@ -164,10 +165,17 @@ class PreparedOp:
     host: Host
     generator: Callable[[], Iterator[Any]]
     state: State
+    op_hash: str = ""
 
     @property
     def name(self) -> str:
         return ", ".join(sorted(self.names))
+
+    @property
+    def execution_arguments(self) -> dict[str, Any]:
+        """How pyinfra executes the operation on every host (`_serial`, `_parallel`,
+        `_run_once`), from the state's shared operation meta."""
+        return dict(self.state.op_meta[self.op_hash].global_arguments)
 
     def commands(self) -> list[str]:
         with ctx_state.use(self.state), ctx_host.use(self.host):
@@ -180,7 +188,7 @@ class PreparedFleet:
     state: State
     hosts: dict[str, Host]
     # (host name, operation hash) -> the operation's name on that host (pyinfra's own meta
-    # unites the names of every host's operation at one position)
+    # unites the names of every host's operation from one call)
     op_names: dict[tuple[str, str], list[str]]
 
     def ops(self, host_name: str) -> list[PreparedOp]:
@@ -190,7 +198,7 @@ class PreparedFleet:
             data = self.state.ops[host].get(op_hash)
             if data is not None:
                 names = self.op_names[(host_name, op_hash)]
-                out.append(PreparedOp(names, host, data.command_generator, self.state))
+                out.append(PreparedOp(names, host, data.command_generator, self.state, op_hash))
         return out
 
     def op(self, host_name: str, starts: str) -> PreparedOp:
@@ -243,6 +251,10 @@ def prepare_fleet(
         return op_order, op_hash
 
     monkeypatch.setattr(operation_module, "solve_operation_consistency", recording_solve)
+    # As `pyinfra inventory deploy.py` does: an operation is keyed by the lines that called it
+    # (not by its position on each host), so the execution arguments it shares across hosts
+    # (`_serial`) belong to that one call.
+    monkeypatch.setattr(pyinfra, "is_cli", True)
     logging.getLogger("pyinfra").setLevel(logging.INFO)
     with ctx_state.use(state), ctx_inventory.use(inventory), ctx_config.use(config):
         for host in inventory:

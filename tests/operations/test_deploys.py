@@ -210,9 +210,45 @@ def test_docker_daemon_options_are_merged_beside_the_concerns_keys(
     upload = next(c for c in commands if c.startswith("upload /etc/docker/daemon.json"))
     assert json.loads(upload.split("\n", 1)[1]) == {
         "insecure-registries": ["old:5000", "registry-01.example.net:5443"],
+        "live-restore": True,
         "log-driver": "journald",
         "storage-driver": "overlay2",
     }
+
+
+def test_live_restore_is_on_by_default_and_a_data_key_turns_it_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hosts = seed({}, {})
+    hosts.append(
+        FleetHost(
+            "docker-02.example.net",
+            ["docker_hosts"],
+            {"docker_daemon_live_restore": False},
+            dict(BASE),
+        )
+    )
+    fleet = run_deploy_py(hosts, monkeypatch)
+    contents = {}
+    for name in ("docker-01.example.net", "docker-02.example.net"):
+        commands = fleet.op(name, "Configure the Docker daemon").commands()
+        upload = next(c for c in commands if c.startswith("upload /etc/docker/daemon.json"))
+        contents[name] = json.loads(upload.split("\n", 1)[1])
+    assert contents["docker-01.example.net"]["live-restore"] is True
+    assert contents["docker-02.example.net"]["live-restore"] is False
+
+
+def test_the_engine_is_restarted_on_one_host_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon.json write/validate/restart/verify operation runs host by host (pyinfra's
+    `_serial`), so the fleet's engines never restart all at once; the other operations do not."""
+    hosts = seed({}, {})
+    hosts.append(FleetHost("docker-02.example.net", ["docker_hosts"], {}, dict(BASE)))
+    fleet = run_deploy_py(hosts, monkeypatch)
+    for name in ("docker-01.example.net", "docker-02.example.net"):
+        daemon = fleet.op(name, "Configure the Docker daemon")
+        assert daemon.execution_arguments["_serial"] is True, daemon.execution_arguments
+    others = [o for o in fleet.ops("docker-01.example.net") if o.name != daemon.name]
+    assert others and not any(o.execution_arguments["_serial"] for o in others)
 
 
 @pytest.mark.parametrize(
@@ -228,6 +264,12 @@ def test_docker_daemon_options_are_merged_beside_the_concerns_keys(
         (
             {"insecure-registries": ["registry-01.example.net:5443"]},
             "conflicts with registry_trust",
+        ),
+        (
+            {"live-restore": False},
+            "docker_daemon_options['live-restore']=False conflicts with docker_daemon, which "
+            "manages live-restore (True on this host): remove it from docker_daemon_options and "
+            "set docker_daemon_live_restore instead",
         ),
     ],
 )
