@@ -89,7 +89,9 @@ def test_unknown_driver_names_the_valid_ones(hosts: dict[str, Any], overlay_host
     assert run.returncode != 0
     assert "docker_storage_driver='overlay' is never configured" in run.log
     assert "valid: overlay2, btrfs, zfs, devicemapper, vfs" in run.log
-    _unchanged(hosts[overlay_host], {"live-restore": True, "storage-driver": "overlay2"}, "overlay2")
+    _unchanged(
+        hosts[overlay_host], {"live-restore": True, "storage-driver": "overlay2"}, "overlay2"
+    )
 
 
 def test_engine_that_will_not_start_is_rolled_back(
