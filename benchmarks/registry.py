@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from dockyard.fsutil import fsync_dir
 from dockyard.registry.probe import wait_ready
 
 BIN = Path(sys.executable).parent
@@ -261,13 +262,6 @@ def small_file_rate(base: Path, size: int, concurrency: int, count: int) -> floa
             os.close(fd)
         os.replace(tmp, directory / name)
 
-    def fsync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     helper = concurrent.futures.ThreadPoolExecutor(concurrency)
 
     def blob(i: int) -> Callable[[], None]:
@@ -277,8 +271,8 @@ def small_file_rate(base: Path, size: int, concurrency: int, count: int) -> floa
             side = helper.submit(durable, link_dir, "link", link)
             durable(blob_dir, "data", data)
             side.result()
-            side = helper.submit(fsync_dir, link_dir)
-            fsync_dir(blob_dir)
+            side = helper.submit(fsync_dir, str(link_dir))
+            fsync_dir(str(blob_dir))
             side.result()
 
         return run

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from dockyard_lab import defaults
@@ -89,24 +90,32 @@ def image_ref(suite: str, mirror: str) -> str:
     return f"{defaults.LAB_IMAGE_REPO}:{suite}-{digest[:12]}"
 
 
-def _customise(root: Path) -> None:
-    for key in root.glob("etc/ssh/ssh_host_*"):
-        key.unlink()
-    init = root / "usr/local/sbin/dockyard-lab-init"
-    init.write_text(_INIT_SCRIPT)
-    init.chmod(0o755)
+def install_boot_unit(root: Path, name: str, script: str, unit: str, masked: Iterable[str]) -> None:
+    """In an image tree: `script` as /usr/local/sbin/<name>, its `unit` as <name>.service wanted
+    by sysinit.target, and each of `masked` masked (linked to /dev/null)."""
+    path = root / "usr/local/sbin" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    path.chmod(0o755)
     unit_dir = root / "etc/systemd/system"
-    (unit_dir / "dockyard-lab-init.service").write_text(_INIT_UNIT)
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    (unit_dir / f"{name}.service").write_text(unit)
     wants = unit_dir / "sysinit.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    link = wants / "dockyard-lab-init.service"
+    link = wants / f"{name}.service"
     if not link.is_symlink():
-        link.symlink_to("/etc/systemd/system/dockyard-lab-init.service")
-    for unit in _MASKED_UNITS:
-        target = unit_dir / unit
+        link.symlink_to(f"/etc/systemd/system/{name}.service")
+    for masked_unit in masked:
+        target = unit_dir / masked_unit
         if target.exists() or target.is_symlink():
             target.unlink()
         target.symlink_to("/dev/null")
+
+
+def _customise(root: Path) -> None:
+    for key in root.glob("etc/ssh/ssh_host_*"):
+        key.unlink()
+    install_boot_unit(root, "dockyard-lab-init", _INIT_SCRIPT, _INIT_UNIT, _MASKED_UNITS)
     # Root logs in with the lab key only (PermitRootLogin prohibit-password is Debian's default).
     (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
     # An empty machine-id makes systemd generate a distinct one on each host's first boot.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dockyard_lab import defaults
 from dockyard_lab.docker import docker
-from dockyard_lab.images import debian_mirror
+from dockyard_lab.images import debian_mirror, install_boot_unit
 
 Log = Callable[[str], None]
 
@@ -136,23 +136,7 @@ def customise_vm_root(root: Path) -> None:
         key.unlink()
     (root / "etc/ssh/sshd_config.d").mkdir(parents=True, exist_ok=True)
     (root / "etc/ssh/sshd_config.d/dockyard-lab.conf").write_text(_SSHD_CONFIG)
-    script = root / "usr/local/sbin/dockyard-vm-seed"
-    script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(_SEED_SCRIPT)
-    script.chmod(0o755)
-    unit_dir = root / "etc/systemd/system"
-    unit_dir.mkdir(parents=True, exist_ok=True)
-    (unit_dir / "dockyard-vm-seed.service").write_text(_SEED_UNIT)
-    wants = unit_dir / "sysinit.target.wants"
-    wants.mkdir(parents=True, exist_ok=True)
-    link = wants / "dockyard-vm-seed.service"
-    if not link.is_symlink():
-        link.symlink_to("/etc/systemd/system/dockyard-vm-seed.service")
-    for unit in _VM_MASKED_UNITS:
-        target = unit_dir / unit
-        if target.exists() or target.is_symlink():
-            target.unlink()
-        target.symlink_to("/dev/null")
+    install_boot_unit(root, "dockyard-vm-seed", _SEED_SCRIPT, _SEED_UNIT, _VM_MASKED_UNITS)
     (root / "etc/fstab").write_text(_FSTAB)
     (root / "etc/network").mkdir(parents=True, exist_ok=True)
     (root / "etc/network/interfaces").write_text(_BASE_INTERFACES)

@@ -65,6 +65,7 @@ class LayerInput:
     """What the applier reads: the tar stream's bytes by position, and the digests at the end."""
 
     compression = "none"
+    position = 0  # in the uncompressed tar stream
 
     def read(self, size: int = -1) -> bytes:
         raise NotImplementedError
@@ -73,7 +74,7 @@ class LayerInput:
         raise NotImplementedError
 
     def tell(self) -> int:
-        raise NotImplementedError
+        return self.position
 
     def copy_to(self, fd: int, offset: int, length: int) -> None:
         """`length` bytes from the current position into `fd` at `offset`; the position moves on."""
@@ -93,6 +94,14 @@ class LayerInput:
             raise InputError(
                 f"corrupt layer: a tar header of {size} bytes (at most {MAX_HEADER_READ})"
             )
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """All of `data` into `fd` at `offset` (pwrite may write less than asked)."""
+    while data:
+        written = os.pwrite(fd, data, offset)
+        offset += written
+        data = data[written:]
 
 
 class _Hasher(threading.Thread):
@@ -146,9 +155,6 @@ class FileInput(LayerInput):
         self.position = position
         return position
 
-    def tell(self) -> int:
-        return self.position
-
     def copy_to(self, fd: int, offset: int, length: int) -> None:
         source = self.start + self.position
         if source + length > self.end:
@@ -175,11 +181,8 @@ class FileInput(LayerInput):
             n = os.preadv(self.fd, [view[: min(len(buffer), length)]], source)
             if n <= 0:
                 raise _truncated()
-            chunk = view[:n]
-            while chunk:
-                written = os.pwrite(fd, chunk, offset)
-                offset += written
-                chunk = chunk[written:]
+            _pwrite_all(fd, view[:n], offset)
+            offset += n
             source += n
             length -= n
 
@@ -373,9 +376,6 @@ class StreamInput(LayerInput):
         self.position = position
         return position
 
-    def tell(self) -> int:
-        return self.position
-
     def copy_to(self, fd: int, offset: int, length: int) -> None:
         while length:
             available = self._available()
@@ -383,11 +383,8 @@ class StreamInput(LayerInput):
                 raise _truncated()
             at = self.position - self.buffer_start
             n = min(available, length)
-            view = memoryview(self.buffer)[at : at + n]
-            while view:
-                written = os.pwrite(fd, view, offset)
-                offset += written
-                view = view[written:]
+            _pwrite_all(fd, memoryview(self.buffer)[at : at + n], offset)
+            offset += n
             self.position += n
             length -= n
 
