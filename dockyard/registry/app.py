@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from aiohttp import web
 
@@ -251,12 +252,57 @@ class RegistryApp:
         )
 
     async def _health_loop(self) -> None:
+        """Probe the storage every interval on a thread of its own. A probe that has not
+        answered within the interval counts as a failure each interval while it hangs (a hard
+        NFS mount whose server is gone blocks in the kernel, it never fails): no second probe
+        starts meanwhile, and the first answer after the outage resets the count."""
+        pending: Optional[asyncio.Future[None]] = None
+        started = time.monotonic()
         while True:
+            if pending is None:
+                pending = _in_daemon_thread(self.registry.check_storage)
+                started = time.monotonic()
+            done, _ = await asyncio.wait({pending}, timeout=self.config.health_interval)
+            if not done:
+                self.health_failures += 1
+                self.health_error = (
+                    f"the storage has not answered for {time.monotonic() - started:.0f}s"
+                )
+                continue
             try:
-                # The root exists from start-up on; listing it proves the driver can read.
-                await asyncio.to_thread(self.registry.check_storage)
+                pending.result()
                 self.health_failures, self.health_error = 0, None
             except Unavailable as exc:
                 self.health_failures += 1
                 self.health_error = exc.message
+            pending = None
             await asyncio.sleep(self.config.health_interval)
+
+
+def _in_daemon_thread(func: Callable[[], None]) -> asyncio.Future[None]:
+    """Run `func` on a daemon thread of its own: a call stuck in the kernel (a hard NFS mount)
+    can be neither interrupted nor joined, and must not hold the process at exit the way an
+    executor's worker threads do."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: Optional[Exception]) -> None:
+        if not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    def run() -> None:
+        error: Optional[Exception] = None
+        try:
+            func()
+        except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:  # the loop closed while the call hung
+            pass
+
+    threading.Thread(target=run, name="storage-health-probe", daemon=True).start()
+    return future

@@ -102,6 +102,13 @@ class StorageDriver(Protocol):
         older than `older_than` seconds; what is left is reported."""
         ...
 
+    def probe(self) -> None:
+        """Return once the backing storage answered a request now — never from a cache (an
+        NFS client answers stat and readdir from its attribute cache while the server is
+        gone); raise OSError or DriverError when it fails. May block while the storage hangs
+        (a hard NFS mount): the health check bounds its wait."""
+        ...
+
 
 def check_path(path: str) -> str:
     """`path` without a trailing '/' when it is a storage path: safe characters only, no
@@ -266,6 +273,12 @@ class FilesystemDriver:
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise PathNotFound(path) from exc
         return FileInfo(path, st.st_size, st.st_mtime, os.path.isdir(self._full(path)))
+
+    def probe(self) -> None:
+        # statvfs is always a round trip to an NFS server (FSSTAT / GETATTR of the file system's
+        # counters), unlike stat and readdir: a dead server makes it fail or hang, as `df` does.
+        os.statvfs(self._full(""))
+        os.listdir(self._full(""))
 
     def list(self, path: str) -> list[str]:
         full = self._full(path)

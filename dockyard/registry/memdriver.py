@@ -162,6 +162,9 @@ class MemoryDriver:
                 return FileInfo(path, 0, self._dirs[path], True)
         raise PathNotFound(path)
 
+    def probe(self) -> None:
+        self.list("")
+
     def list(self, path: str) -> list[str]:
         path = check_path(path)
         prefix = f"{path}/" if path else ""

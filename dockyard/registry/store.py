@@ -76,9 +76,9 @@ class Registry:
 
     # ---- storage health ----------------------------------------------------------------
     def check_storage(self) -> None:
-        """Unavailable unless the driver can list the storage root (the health check)."""
+        """Unavailable unless the storage answers now (the health check: `driver.probe`)."""
         try:
-            self.driver.list("")
+            self.driver.probe()
         except (OSError, DriverError) as exc:
             raise Unavailable(message=f"{type(exc).__name__}: {exc}") from exc
 

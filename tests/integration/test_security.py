@@ -192,6 +192,54 @@ def test_health_reports_storage_failure(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_health_reports_storage_that_hangs(tmp_path: Path) -> None:
+    """A hard NFS mount whose server is gone never fails a probe: the call blocks in the kernel.
+    The health check must count a probe that has not answered within the interval as a failure
+    (503 after `threshold` intervals) and recover with the first answer. It used to await the
+    probe for ever and report 200 through the whole outage."""
+    import asyncio
+    import threading
+
+    from dockyard.registry.app import RegistryApp
+    from dockyard.registry.config import load_config
+
+    config = load_config(
+        text=(
+            "version: 0.1\n"
+            f"storage:\n  filesystem: {{rootdirectory: {tmp_path / 'data'}}}\n"
+            "health: {storagedriver: {enabled: true, interval: 50ms, threshold: 2}}\n"
+        )
+    )
+    app = RegistryApp(config, background=False)
+    storage_back = threading.Event()
+    probes: list[str] = []
+
+    def hanging_probe() -> None:
+        probes.append(threading.current_thread().name)
+        storage_back.wait(30)
+
+    app.registry.driver.probe = hanging_probe  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[int, int, int]:
+        loop_task = asyncio.create_task(app._health_loop())
+        deadline = time.monotonic() + 10
+        while app.health_failures < config.health_threshold and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        during = app.health_failures
+        storage_back.set()
+        while app.health_failures and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        after = app.health_failures
+        loop_task.cancel()
+        return during, after, len(probes)
+
+    during, after, started = asyncio.run(scenario())
+    assert during >= config.health_threshold  # reported while the storage hung
+    assert after == 0  # and recovered with its first answer
+    assert probes[0] == "storage-health-probe"
+    assert started <= 3  # never a pile of stuck probe threads: one at a time
+
+
 def test_environment_overrides_the_config(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, 1)  # the file's port is overridden below
