@@ -20,6 +20,7 @@ from dockyard_deploys.docker_volumes import configure_docker_volumes
 from dockyard_deploys.dockyard_core import install_dockyard_core
 from dockyard_deploys.nfs_client import configure_nfs_client
 from dockyard_deploys.nfs_server import configure_nfs_server
+from dockyard_deploys.operations import ordering_point
 from dockyard_deploys.registry import configure_registry
 from dockyard_deploys.registry_pki import install_registry_certificate
 from dockyard_deploys.registry_trust import configure_registry_trust
@@ -37,6 +38,12 @@ core = install_dockyard_core()
 # Tier 2 — persistent volumes.
 if "storage" in host.groups:
     configure_nfs_server()
+# One step on every host: pyinfra merges the hosts' operation lists, so without it a host could
+# mount an export before the storage host has exported it (the registry host did, in the lab).
+ordering_point(
+    name="Wait until the storage hosts have exported",
+    reason="the storage hosts have exported (every host passes this point together)",
+)
 configure_nfs_client()
 if "docker_hosts" in host.groups:
     # Named volumes (NFS-backed through the local driver) and host volume directories.

@@ -424,6 +424,25 @@ def storage_driver_check():
 
 
 @operation()
+def ordering_point(reason: str):
+    """
+    A step every host of the run takes at the same point of deploy.py; it changes nothing.
+
+    pyinfra merges the hosts' operation lists in order, one operation at a time on every host:
+    what one host does before this step therefore runs before what any host does after it.
+    deploy.py uses it so that the storage hosts export before any host mounts.
+
+    + reason: what this step orders (printed as its no-change message)
+
+    .. code:: python
+
+        ordering_point(reason="the storage hosts have exported")
+    """
+    host.noop(reason)
+    yield from ()
+
+
+@operation()
 def mount_now(path: str):
     """
     Mount an fstab entry now when the kernel has an NFS client; say so when it has none.

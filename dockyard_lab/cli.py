@@ -1,6 +1,7 @@
 """The `dockyard-lab` command line (control machine only): `dockyard-lab up|down|status [--json]`
-brings the local lab fleet (systemd host containers, and with `up --vms N` qemu VMs) up and down
-and lists it; `registry-archive PATH` saves a registry:2-compatible image for
+brings the local lab fleet up and down and lists it — by default the seed's topology (a storage
+VM and a registry VM with real kernels beside the systemd host containers), or containers only
+(`up --topology containers`); `registry-archive PATH` saves a registry:2-compatible image for
 `registry_image_archive`."""
 
 from __future__ import annotations
@@ -66,12 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated Debian suites to cycle through (default: %(default)s)",
     )
     lab_up.add_argument(
+        "--topology",
+        choices=defaults.LAB_TOPOLOGIES,
+        default=defaults.DEFAULT_TOPOLOGY,
+        help=(
+            "seed: a storage VM (kernel NFS server) and a registry VM (the export mounted from "
+            "fstab) beside the container Docker hosts; containers: containers only, the first "
+            "one exporting with nfs-ganesha and running the registry (default: %(default)s)"
+        ),
+    )
+    lab_up.add_argument(
         "--vms",
         type=_count,
         default=0,
         help=(
-            f"number of qemu VM hosts ({defaults.VM_SUITE}, a real kernel, software emulation) "
-            "besides the containers, in the group vms (default: %(default)s)"
+            f"number of extra qemu VM hosts ({defaults.VM_SUITE}, a real kernel, software "
+            "emulation) in the group vms, with no role (default: %(default)s)"
         ),
     )
     sub.add_parser(
@@ -89,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.lab_command == "up":
-        hosts = up(hosts=args.hosts, releases=args.releases, vms=args.vms)
+        hosts = up(hosts=args.hosts, releases=args.releases, vms=args.vms, topology=args.topology)
         print(f"--> Lab up: {len(hosts)} host(s); inventory: inventory/lab.py")
         return 0
     if args.lab_command == "registry-archive":

@@ -39,9 +39,11 @@ LAB_BOOT_TIMEOUT = 120.0
 VM_SUITE = "bookworm"
 
 # Packages baked into the VM image: a kernel and the tools to boot it from a disk (udev, kmod),
-# ifupdown for the static address, the kernel NFS server and client, and the same sshd/python3
-# the container hosts carry (pyinfra's ssh connector, testinfra). Baked, because dpkg under
-# software emulation is several times slower than on the machine.
+# ifupdown for the static address, the kernel NFS server and client, the same sshd/python3 the
+# container hosts carry (pyinfra's ssh connector, testinfra), and what the deploy installs on the
+# seed topology's VMs (Debian's Docker engine, python3-venv for the core). Baked, because dpkg
+# under software emulation is several times slower than on the machine; the deploy's package
+# operations still run there (and find them installed).
 VM_INCLUDE: tuple[str, ...] = (
     "linux-image-amd64",
     "systemd-sysv",
@@ -55,6 +57,8 @@ VM_INCLUDE: tuple[str, ...] = (
     "kmod",
     "ifupdown",
     "ca-certificates",
+    "docker.io",
+    "python3-venv",
 )
 
 # Bumped whenever the VM image customisation changes, so the recipe hash (and the cache) changes.
@@ -74,7 +78,24 @@ VM_BOOT_TIMEOUT = 300.0
 # Seconds `lab down` waits for a VM's qemu to exit after SIGTERM before it sends SIGKILL.
 VM_STOP_TIMEOUT = 10.0
 
-# Inventory groups of every VM host (none of the deploys' groups yet: the VMs are new).
+# The lab's topologies. `seed` (the default) is the seed's recipe on real kernels: a storage VM
+# exporting with the kernel NFS server, a registry VM mounting that export from /etc/fstab with
+# the kernel's NFS client and serving the registry from the mount, and the container Docker hosts
+# (one per release). `containers` is the container-only lab (no VM, minutes faster): the first
+# container exports with nfs-ganesha (the machine's kernel has no nfsd) and runs the registry on
+# the export's directory; the others only get fstab lines.
+LAB_TOPOLOGIES: tuple[str, ...] = ("seed", "containers")
+DEFAULT_TOPOLOGY = "seed"
+
+# The seed topology's VMs (<lab>-<role>) and their inventory groups. Both are Docker hosts too:
+# the registry VM runs the registry:2-compatible container when `registry_image` asks for it, and
+# two hosts with a kernel NFS client are what an NFS-backed named volume shared across hosts needs.
+SEED_VMS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("storage", ("storage", "docker_hosts")),
+    ("registry", ("registry", "docker_hosts")),
+)
+
+# Inventory groups of extra VM hosts (`up --vms N`: no role of the deploys).
 VM_GROUPS: tuple[str, ...] = ("vms",)
 
 # Fallback Debian mirror when the machine's apt sources name none.

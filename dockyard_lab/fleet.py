@@ -20,8 +20,9 @@ from dockyard_lab.images import ensure_image
 
 Log = Callable[[str], None]
 
-# Groups of the first host; every host is in docker_hosts. In the lab the registry runs on the
-# storage host, because the kernel has no NFS client to mount the export elsewhere.
+# Groups of the containers. In the seed topology every container is a Docker host (storage and
+# registry are VMs); in the container-only topology the first container is also the storage and
+# registry host (the registry on the export's directory: no NFS client in the kernel).
 FIRST_HOST_GROUPS: tuple[str, ...] = ("docker_hosts", "storage", "registry")
 OTHER_HOST_GROUPS: tuple[str, ...] = ("docker_hosts",)
 
@@ -96,8 +97,14 @@ def ensure_ssh_key(log: Log = print) -> Path:
     return key
 
 
-def plan(hosts: int, releases: Sequence[str]) -> list[tuple[str, str, tuple[str, ...]]]:
-    """Names, releases and groups for a lab of `hosts` hosts cycling through `releases`."""
+def plan(
+    hosts: int, releases: Sequence[str], topology: str = defaults.DEFAULT_TOPOLOGY
+) -> list[tuple[str, str, tuple[str, ...]]]:
+    """Names, releases and groups for a lab of `hosts` containers cycling through `releases`."""
+    if topology not in defaults.LAB_TOPOLOGIES:
+        raise ValueError(
+            f"unknown lab topology {topology!r}; valid: {', '.join(defaults.LAB_TOPOLOGIES)}"
+        )
     if hosts < 1:
         raise ValueError(f"--hosts must be at least 1, got {hosts}")
     bad = [r for r in releases if r not in defaults.LAB_RELEASES]
@@ -112,7 +119,8 @@ def plan(hosts: int, releases: Sequence[str]) -> list[tuple[str, str, tuple[str,
         release = releases[index % len(releases)]
         counts[release] = counts.get(release, 0) + 1
         suffix = "" if hosts <= len(releases) else f"-{counts[release]}"
-        groups = FIRST_HOST_GROUPS if index == 0 else OTHER_HOST_GROUPS
+        first = index == 0 and topology == "containers"
+        groups = FIRST_HOST_GROUPS if first else OTHER_HOST_GROUPS
         out.append((f"{defaults.LAB_NAME}-{release}{suffix}", release, groups))
     return out
 
@@ -208,11 +216,14 @@ def up(
     releases: Sequence[str] = defaults.LAB_RELEASES,
     vms: int = 0,
     log: Log = print,
+    topology: str = defaults.DEFAULT_TOPOLOGY,
 ) -> list[LabHost]:
-    """Create (or complete) the lab, with `vms` VM hosts besides the containers; hosts already
-    running are kept as they are."""
-    wanted = plan(hosts, releases)
-    vm.vm_names(vms)  # refuses a negative count before anything starts
+    """Create (or complete) the lab in `topology` (the seed's by default: storage and registry
+    VMs beside the containers), with `vms` extra VM hosts; hosts already running are kept as
+    they are, and a lab made with another topology is refused (`down` first)."""
+    wanted = plan(hosts, releases, topology)
+    wanted_vms = vm.vm_plan(topology, vms)  # refuses a negative count before anything starts
+    _refuse_other_topology(wanted)
     key = ensure_ssh_key(log)
     pubkey = key.with_suffix(".pub").read_text()
     if not docker_ok("network", "inspect", _network()):
@@ -225,7 +236,7 @@ def up(
         log(f"--> Lab image for {release}")
         images[release] = ensure_image(release, log=log)
     vm_image = None
-    if vms:
+    if wanted_vms:
         log(f"--> Lab VM image ({defaults.VM_SUITE})")
         vm_image = vm.ensure_vm_image(log)
     deadline = time.monotonic() + defaults.LAB_BOOT_TIMEOUT
@@ -238,7 +249,7 @@ def up(
             _start_host(name, release, groups, images[release])
     # The VMs boot (one to two minutes under emulation) while the containers do.
     vm_started = time.monotonic()
-    vm_records = vm.start_vms(vms, pubkey, _network(), vm_image, log=log) if vm_image else []
+    vm_records = vm.start_vms(wanted_vms, pubkey, _network(), vm_image, log=log) if vm_image else []
     known = []
     for name, _, _ in wanted:
         _wait_for_boot(name, deadline)
@@ -255,6 +266,19 @@ def up(
     _, known_hosts = _key_paths()
     known_hosts.write_text("".join(known))
     return status()
+
+
+def _refuse_other_topology(wanted: Sequence[tuple[str, str, tuple[str, ...]]]) -> None:
+    """A lab host that exists with other groups than the plan gives it was made with another
+    topology: completing the lab would give it two storage or registry hosts."""
+    existing = {h.name: h for h in status() if h.kind == "container"}
+    for name, _, groups in wanted:
+        host = existing.get(name)
+        if host is not None and tuple(host.groups) != tuple(groups):
+            raise DockerError(
+                f"lab host {name} exists with groups {','.join(host.groups)}, not "
+                f"{','.join(groups)} (another topology): run `dockyard-lab down` first"
+            )
 
 
 def status() -> list[LabHost]:
@@ -295,7 +319,7 @@ def status() -> list[LabHost]:
                 name=record.name,
                 address=record.address,
                 release=defaults.VM_SUITE,
-                groups=list(defaults.VM_GROUPS),
+                groups=list(record.groups),
                 ssh_user="root",
                 ssh_key=str(key),
                 ssh_known_hosts=str(known_hosts),

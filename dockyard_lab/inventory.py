@@ -11,9 +11,12 @@ from dockyard_lab import defaults
 from dockyard_lab.docker import DockerError
 from dockyard_lab.fleet import LabHost, status
 
-# The exported directory on the storage host (on the /srv volume: ganesha needs file handles).
+# The registry's exported directory on the storage host (group_data/storage.py exports it; in
+# the container-only lab on the /srv volume: ganesha needs file handles).
 LAB_EXPORT = "/srv/exports/registry"
-# Where the other hosts mount it (fstab only: the lab kernel has no NFS client).
+# Where the registry host mounts it (the seed topology: the kernel's NFS client, from fstab), and
+# where the container Docker hosts get an fstab line for it (only written: no NFS client in the
+# machine's kernel; libnfs-utils reaches the export from userspace).
 LAB_MOUNT = "/mnt/registry"
 # The registry's user in the lab (its password is made once, in the lab's state directory).
 LAB_REGISTRY_USER = "fleet"
@@ -21,8 +24,8 @@ LAB_REGISTRY_USER = "fleet"
 # Host data of the lab's btrfs host: a sparse loop file formatted btrfs under the data root.
 BTRFS_HOST_DATA: dict[str, Any] = {
     "docker_storage_device": "/srv/dockyard/docker-data.img",
-    "docker_storage_device_fs": "btrfs",
     "docker_storage_device_size": "4G",
+    "docker_storage_device_fs": "btrfs",
 }
 
 
@@ -40,36 +43,39 @@ def _lab_secret(name: str) -> str:
 def lab_groups() -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """Inventory groups {group: [(name, data), ...]} of the running lab hosts.
 
-    Topology: the first host is the NFS server (nfs-ganesha: the kernel has no nfsd) and runs
-    the registry with its data in the exported directory; the other containers get fstab entries
-    for the export (only written: no NFS client in the kernel) and libnfs-utils to reach it. VM
-    hosts (`up --vms N`) are ssh hosts in their own group `vms`, with no role yet."""
+    The storage host (group `storage`) exports what group_data/storage.py lists — with the
+    kernel NFS server on the seed topology's storage VM, with nfs-ganesha on a container (the
+    machine's kernel has no nfsd). The registry host (group `registry`) keeps its data on the
+    export: on the seed topology's registry VM through the kernel NFS mount at /mnt/registry
+    (fstab), on the container-only lab in the export's directory on the storage host itself. The
+    other container Docker hosts get the mount's fstab line only, and libnfs-utils to reach the
+    export from userspace. The last container (of two or more) has a btrfs data root."""
     running = [h for h in status() if h.state == "running"]
-    hosts = [h for h in running if h.kind == "container"]
-    vms = [h for h in running if h.kind == "vm"]
-    if not hosts:
+    if not running:
         raise DockerError("no running lab hosts: run `dockyard-lab up` (or `make deploy`) first")
-    storage = next((h for h in hosts if "storage" in h.groups), hosts[0])
-    export = LAB_EXPORT
+    containers = [h for h in running if h.kind == "container"]
+    storage = next((h for h in running if "storage" in h.groups), running[0])
+    registry = next((h for h in running if "registry" in h.groups), storage)
+    mount = {"src": f"{storage.address}:{LAB_EXPORT}", "path": LAB_MOUNT}
     common: dict[str, Any] = {
         "registry_pki_dir": str(defaults.lab_state_dir() / f"{defaults.LAB_NAME}-pki"),
         "registry_users": {LAB_REGISTRY_USER: _lab_secret("registry-password")},
-        "nfs_server_exports": [{"path": export}],
-        "registry_data_dir": export,
     }
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for index, lab_host in enumerate(hosts):
+    for lab_host in containers + [h for h in running if h.kind == "vm"]:
         data: dict[str, Any] = {**_ssh_data(lab_host), **common}
-        if lab_host.name != storage.name:
-            data["nfs_client_mounts"] = [{"src": f"{storage.address}:{export}", "path": LAB_MOUNT}]
+        if lab_host.name == registry.name:
+            on_storage = registry.name == storage.name
+            data["registry_data_dir"] = LAB_EXPORT if on_storage else LAB_MOUNT
+            if not on_storage:
+                data["nfs_client_mounts"] = [mount]
+        elif lab_host.kind == "container" and lab_host.name != storage.name:
+            data["nfs_client_mounts"] = [mount]
             data["nfs_client_extra_packages"] = ["libnfs-utils"]
-        if index == len(hosts) - 1 and len(hosts) > 1:
+        if len(containers) > 1 and lab_host.name == containers[-1].name:
             data.update(BTRFS_HOST_DATA)
         for group in lab_host.groups:
             groups.setdefault(group, []).append((lab_host.name, data))
-    for lab_vm in vms:
-        for group in lab_vm.groups:
-            groups.setdefault(group, []).append((lab_vm.name, {**_ssh_data(lab_vm), **common}))
     return groups
 
 

@@ -235,10 +235,22 @@ def ensure_vm_image(log: Log = print) -> VmImage:
 
 
 def vm_names(count: int) -> list[str]:
-    """Names of a lab's `count` VMs: `<lab>-vm1`, `<lab>-vm2`, …"""
+    """Names of a lab's `count` extra VMs: `<lab>-vm1`, `<lab>-vm2`, …"""
     if count < 0:
         raise ValueError(f"--vms must be 0 or more, got {count}")
     return [f"{defaults.LAB_NAME}-vm{i}" for i in range(1, count + 1)]
+
+
+def vm_plan(topology: str, count: int) -> list[tuple[str, tuple[str, ...]]]:
+    """Names and inventory groups of a lab's VMs: the topology's role VMs (`<lab>-storage`,
+    `<lab>-registry` in the seed topology), then `count` extra VMs in the group `vms`."""
+    if topology not in defaults.LAB_TOPOLOGIES:
+        raise ValueError(
+            f"unknown lab topology {topology!r}; valid: {', '.join(defaults.LAB_TOPOLOGIES)}"
+        )
+    roles = defaults.SEED_VMS if topology == "seed" else ()
+    out = [(f"{defaults.LAB_NAME}-{role}", groups) for role, groups in roles]
+    return out + [(name, defaults.VM_GROUPS) for name in vm_names(count)]
 
 
 def allocate_addresses(
@@ -375,6 +387,8 @@ class VmRecord:
     mac: str
     image: str
     host_key: str
+    # Inventory groups (the role VMs' groups, or `vms`).
+    groups: tuple[str, ...] = defaults.VM_GROUPS
 
     @property
     def directory(self) -> Path:
@@ -389,7 +403,9 @@ def records() -> list[VmRecord]:
     """Every VM of this lab that has a state directory, by name."""
     out = []
     for path in sorted(defaults.lab_vm_dir().glob("*/vm.json")):
-        out.append(VmRecord(**json.loads(path.read_text())))
+        fields = json.loads(path.read_text())
+        fields["groups"] = tuple(fields.get("groups") or defaults.VM_GROUPS)
+        out.append(VmRecord(**fields))
     return out
 
 
@@ -460,7 +476,14 @@ def _make_seed(vm_dir: Path, name: str, address: str, network: LabNetwork, pubke
     return host_key
 
 
-def _create(name: str, address: str, image: VmImage, network: LabNetwork, pubkey: str) -> VmRecord:
+def _create(
+    name: str,
+    groups: tuple[str, ...],
+    address: str,
+    image: VmImage,
+    network: LabNetwork,
+    pubkey: str,
+) -> VmRecord:
     vm_dir = defaults.lab_vm_dir() / name
     if vm_dir.exists():
         shutil.rmtree(vm_dir)
@@ -481,7 +504,9 @@ def _create(name: str, address: str, image: VmImage, network: LabNetwork, pubkey
         f"creating the overlay disk of {name}",
     )
     host_key = _make_seed(vm_dir, name, address, network, pubkey)
-    record = VmRecord(name, address, tap_name(name), mac_address(name), image.key, host_key)
+    record = VmRecord(
+        name, address, tap_name(name), mac_address(name), image.key, host_key, tuple(groups)
+    )
     _record_path(name).write_text(json.dumps(asdict(record), indent=2))
     return record
 
@@ -497,27 +522,38 @@ def _start(record: VmRecord, image: VmImage, bridge: str) -> None:
 
 
 def start_vms(
-    count: int, pubkey: str, network_name: str, image: VmImage, log: Log = print
+    wanted: Sequence[tuple[str, tuple[str, ...]]],
+    pubkey: str,
+    network_name: str,
+    image: VmImage,
+    log: Log = print,
 ) -> list[VmRecord]:
-    """Make sure the lab has VMs 1..count running (creating the missing ones on `image`,
-    restarting stopped ones on their own overlay); returns their records. Does not wait for
-    them to boot."""
-    names = vm_names(count)
+    """Make sure the lab has the `wanted` VMs (names and groups, from `vm_plan`) running:
+    creating the missing ones on `image`, restarting stopped ones on their own overlay; returns
+    their records. A VM that exists with other groups (a lab made with another topology) is an
+    error. Does not wait for them to boot."""
+    names = [name for name, _ in wanted]
     if not names:
         return []
+    existing = {r.name: r for r in records()}
+    for name, groups in wanted:
+        if name in existing and tuple(existing[name].groups) != tuple(groups):
+            raise VmError(
+                f"lab VM {name} exists with groups {','.join(existing[name].groups)}, not "
+                f"{','.join(groups)} (another topology): run `dockyard-lab down` first"
+            )
     for tool in ("qemu-system-x86_64", "qemu-img", "ip", "ssh-keygen"):
         if shutil.which(tool) is None:
             raise VmError(f"{tool} is not installed (run `make engine`)")
     network = lab_network(network_name)
-    existing = {r.name: r for r in records()}
     taken = [*network.containers, *(r.address for r in existing.values())]
     fresh = [n for n in names if n not in existing]
     addresses = iter(allocate_addresses(network.subnet, network.gateway, taken, len(fresh)))
     out = []
-    for name in names:
+    for name, groups in wanted:
         record = existing.get(name)
         if record is None:
-            record = _create(name, str(next(addresses)), image, network, pubkey)
+            record = _create(name, groups, str(next(addresses)), image, network, pubkey)
             log(f"--> Starting lab VM {name} at {record.address}")
         elif qemu_pid(record.directory) is not None:
             out.append(record)

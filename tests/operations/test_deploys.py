@@ -137,6 +137,18 @@ def test_seed_topology_runs_each_tier_on_its_own_host(monkeypatch: pytest.Monkey
     assert "certs.d/registry-01.example.net:5443" in docker
 
 
+def test_every_export_comes_before_any_mount(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug (seen in the lab): pyinfra merges the hosts' operation lists, and the registry host
+    mounted the export before the storage host had exported it ('access denied by server').
+    Now every storage operation comes before every mount, on whatever host."""
+    fleet = run_deploy_py(seed(REGISTRY_MOUNTED, {}), monkeypatch)
+    order = fleet.state.get_op_order()
+    exports = [o.op_hash for o in fleet.ops("nfs-01.example.net") if "Export NFS" in o.name]
+    mounts = [o.op_hash for o in fleet.ops("registry-01.example.net") if "Mount NFS" in o.name]
+    assert exports and mounts
+    assert max(order.index(h) for h in exports) < min(order.index(h) for h in mounts)
+
+
 def test_registry_image_without_pki_dir_uses_the_default_pki_dir(
     monkeypatch: pytest.MonkeyPatch, control_machine: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -15,16 +15,36 @@ import pytest
 from dockyard_lab import cli, defaults, fleet, images, inventory, vm
 
 
-def test_default_plan_is_one_host_per_release_first_host_carries_the_roles() -> None:
+def test_default_plan_is_one_docker_host_per_release_and_role_vms() -> None:
+    """The seed topology (the default): every container is a Docker host; storage and registry
+    are VMs of their own."""
     plan = fleet.plan(3, defaults.LAB_RELEASES)
     assert [release for _, release, _ in plan] == ["bullseye", "bookworm", "trixie"]
-    assert plan[0][2] == ("docker_hosts", "storage", "registry")
-    assert all(groups == ("docker_hosts",) for _, _, groups in plan[1:])
+    assert all(groups == ("docker_hosts",) for _, _, groups in plan)
     assert [name for name, _, _ in plan] == [
         f"{defaults.LAB_NAME}-bullseye",
         f"{defaults.LAB_NAME}-bookworm",
         f"{defaults.LAB_NAME}-trixie",
     ]
+    assert vm.vm_plan("seed", 0) == [
+        (f"{defaults.LAB_NAME}-storage", ("storage", "docker_hosts")),
+        (f"{defaults.LAB_NAME}-registry", ("registry", "docker_hosts")),
+    ]
+    assert vm.vm_plan("seed", 1)[-1] == (f"{defaults.LAB_NAME}-vm1", ("vms",))
+
+
+def test_container_topology_gives_the_roles_to_the_first_container() -> None:
+    plan = fleet.plan(3, defaults.LAB_RELEASES, "containers")
+    assert plan[0][2] == ("docker_hosts", "storage", "registry")
+    assert all(groups == ("docker_hosts",) for _, _, groups in plan[1:])
+    assert vm.vm_plan("containers", 0) == []
+
+
+def test_unknown_topology_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown lab topology 'mesh'; valid: seed, containers"):
+        fleet.plan(3, defaults.LAB_RELEASES, "mesh")
+    with pytest.raises(ValueError, match="unknown lab topology"):
+        vm.vm_plan("mesh", 0)
 
 
 def test_larger_lab_cycles_releases_with_unique_names() -> None:
@@ -271,32 +291,32 @@ def test_a_vm_that_never_answers_ssh_times_out_naming_it(
     assert message.endswith("(no console output)")
 
 
+def _lab_host(name: str, kind: str, groups: list[str], address: str = "10.0.0.9") -> fleet.LabHost:
+    return fleet.LabHost(
+        name=name,
+        address=address,
+        release="bookworm",
+        groups=groups,
+        ssh_user="root",
+        ssh_key="key",
+        ssh_known_hosts="known_hosts",
+        state="running",
+        image="image",
+        kind=kind,
+    )
+
+
 def test_inventory_puts_vms_in_their_own_group(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DOCKYARD_LAB_DIR", str(tmp_path))
-
-    def host(name: str, kind: str, groups: list[str]) -> fleet.LabHost:
-        return fleet.LabHost(
-            name=name,
-            address="10.0.0.9",
-            release="bookworm",
-            groups=groups,
-            ssh_user="root",
-            ssh_key="key",
-            ssh_known_hosts="known_hosts",
-            state="running",
-            image="image",
-            kind=kind,
-        )
-
     monkeypatch.setattr(
         inventory,
         "status",
         lambda: [
-            host("c1", "container", ["docker_hosts", "storage", "registry"]),
-            host("c2", "container", ["docker_hosts"]),
-            host("v1", "vm", ["vms"]),
+            _lab_host("c1", "container", ["docker_hosts", "storage", "registry"]),
+            _lab_host("c2", "container", ["docker_hosts"]),
+            _lab_host("v1", "vm", ["vms"]),
         ],
     )
     groups = inventory.lab_groups()
@@ -308,6 +328,43 @@ def test_inventory_puts_vms_in_their_own_group(
     assert vm_data["lab_kind"] == "vm"
     assert "nfs_client_mounts" not in vm_data and "docker_storage_device" not in vm_data
     assert groups["docker_hosts"][-1][1]["docker_storage_device_fs"] == "btrfs"  # last container
+    # container-only: the registry keeps its data in the export's directory on the storage host
+    storage_data = groups["storage"][0][1]
+    assert storage_data["registry_data_dir"] == inventory.LAB_EXPORT
+    assert "nfs_client_mounts" not in storage_data
+
+
+def test_inventory_of_the_seed_topology(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry VM mounts the storage VM's export (fstab, the kernel's client) and keeps the
+    registry's data there; the containers get the fstab line only (no NFS client in the
+    machine's kernel); the btrfs data root goes to the last container, never a VM."""
+    monkeypatch.setenv("DOCKYARD_LAB_DIR", str(tmp_path))
+    monkeypatch.setattr(
+        inventory,
+        "status",
+        lambda: [
+            _lab_host("c1", "container", ["docker_hosts"], "10.0.0.2"),
+            _lab_host("c2", "container", ["docker_hosts"], "10.0.0.3"),
+            _lab_host("storage", "vm", ["storage", "docker_hosts"], "10.0.0.254"),
+            _lab_host("registry", "vm", ["registry", "docker_hosts"], "10.0.0.253"),
+        ],
+    )
+    groups = inventory.lab_groups()
+    data = {name: d for members in groups.values() for name, d in members}
+    assert [n for n, _ in groups["storage"]] == ["storage"]
+    assert [n for n, _ in groups["registry"]] == ["registry"]
+    mount = {"src": f"10.0.0.254:{inventory.LAB_EXPORT}", "path": inventory.LAB_MOUNT}
+    assert data["registry"]["nfs_client_mounts"] == [mount]
+    assert data["registry"]["registry_data_dir"] == inventory.LAB_MOUNT
+    assert "nfs_client_extra_packages" not in data["registry"]
+    assert "nfs_client_mounts" not in data["storage"] and "registry_data_dir" not in data["storage"]
+    for name in ("c1", "c2"):
+        assert data[name]["nfs_client_mounts"] == [mount]
+        assert data[name]["nfs_client_extra_packages"] == ["libnfs-utils"]
+    assert data["c2"]["docker_storage_device_fs"] == "btrfs"
+    assert not any("docker_storage_device" in data[n] for n in ("c1", "storage", "registry"))
+    # the exports come from group_data/storage.py, not from the lab's host data
+    assert not any("nfs_server_exports" in d for d in data.values())
 
 
 def test_cli_vms_must_not_be_negative(capsys: pytest.CaptureFixture[str]) -> None:
