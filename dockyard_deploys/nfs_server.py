@@ -31,8 +31,11 @@ ANON: dict[str, tuple[str, str, int]] = {
     "rhel-7": ("nfsnobody", "nfsnobody", 65534),
     "rhel": ("nobody", "nobody", 65534),
 }
+# The kernel server's unit by its own name: on Debian `nfs-kernel-server.service` is only an alias
+# of nfs-server.service, which `systemctl is-enabled` reports as "alias" — never "enabled", so
+# a deploy naming the alias enabled it again on every run (seen on the lab's storage VM).
 KERNEL_SERVER: dict[str, dict[str, Any]] = {
-    "debian": {"packages": ["nfs-kernel-server"], "service": "nfs-kernel-server.service"},
+    "debian": {"packages": ["nfs-kernel-server"], "service": "nfs-server.service"},
     "rhel": {"packages": ["nfs-utils"], "service": "nfs-server.service"},
 }
 GANESHA_PACKAGES: dict[str, list[str]] = {
