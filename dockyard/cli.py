@@ -22,6 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     # The lab moved out of the core (hosts install the core alone): say where it went.
     lab = sub.add_parser("lab", help="moved: the lab is `dockyard-lab` on the control machine")
     lab.add_argument("lab_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    # Rollouts drive pyinfra from the control machine: on a host, say where they run.
+    rollout = sub.add_parser(
+        "rollout",
+        help="roll a deploy out in waves with health gates (control machine: "
+        "pip install 'dockyard[deploy]')",
+    )
+    rollout.add_argument("rollout_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     registry = sub.add_parser("registry", help="the OCI Distribution registry")
     reg_sub = registry.add_subparsers(dest="registry_command", required=True)
@@ -354,8 +361,19 @@ def _layer_errors() -> tuple[type[Exception], ...]:
     return (ClientError, StoreError, LayerError)
 
 
+ROLLOUT_ELSEWHERE = (
+    "dockyard: error: rollouts run on the control machine, which has pyinfra and the deploys: "
+    "pip install 'dockyard[deploy]' there and run `dockyard rollout INVENTORY DEPLOY`"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["rollout"]:
+        # before parsing: the rollout's own options (--dry, --waves …) are not known here
+        print(ROLLOUT_ELSEWHERE, file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(arguments)
     try:
         if args.command == "lab":
             print(

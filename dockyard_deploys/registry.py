@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import shlex
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +20,7 @@ from pyinfra.facts.files import FileContents
 from pyinfra.operations import files, server, systemd
 
 from dockyard.registry.auth import BCRYPT_PASSWORD_MAX
+from dockyard.registry.config import NOTIFICATIONS_QUEUE_DIRECTORY
 from dockyard_deploys import nfs_server, registry_pki, settings
 from dockyard_deploys.common import current_distro
 from dockyard_deploys.operations import (
@@ -42,6 +44,17 @@ IN_CONTAINER = {
     "config": "/etc/docker/registry",
     "auth": "/auth",
 }
+
+
+def observability(reg: RegistrySettings, queue: Optional[str]) -> dict[str, Any]:
+    """The template's metrics and notifications values: the debug listener's address, the
+    endpoints as one JSON flow sequence (JSON is YAML; the values stay as the user gave them),
+    and the queues' directory (None: not rendered, as for a registry image that has none)."""
+    return {
+        "metrics_addr": reg.metrics_addr,
+        "notifications": json.dumps(list(reg.notifications)) if reg.notifications else "",
+        "notifications_queue": queue,
+    }
 
 
 def htpasswd_content(users: dict[str, str], current: str) -> str:
@@ -120,6 +133,8 @@ def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
     + registry_users: htpasswd users (bcrypt); empty for no auth
     + registry_port: port to listen on
     + registry_delete_enabled, registry_client_certs, registry_log_level
+    + registry_metrics_addr: the debug listener (/metrics, /debug/health), loopback by default
+    + registry_notifications: webhook endpoints (distribution's notifications.endpoints)
     + restart_on: operations (the certificate's) whose change restarts the registry
 
     Example:
@@ -150,6 +165,15 @@ def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
             present=True,
         )
     files.directory(name=f"Create {config_dir}", path=config_dir, mode="0755", present=True)
+    if reg.notifications and reg.image == "dockyard":
+        files.directory(
+            name=f"Create the notification queues' directory {NOTIFICATIONS_QUEUE_DIRECTORY}",
+            path=NOTIFICATIONS_QUEUE_DIRECTORY,
+            user=run_user,
+            group=run_group,
+            mode="0750",
+            present=True,
+        )
     if reg.client_certs:
         _probe_client_cert(config_dir)
     htpasswd = f"{config_dir}/htpasswd" if reg.users else None
@@ -188,6 +212,7 @@ def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
             htpasswd=htpasswd,
             realm=reg.realm,
             log_level=reg.log_level,
+            **observability(reg, NOTIFICATIONS_QUEUE_DIRECTORY),
         )
     )
     changed.append(
@@ -248,6 +273,7 @@ def _run_container(
         htpasswd=f"{IN_CONTAINER['auth']}/htpasswd" if htpasswd else None,
         realm=reg.realm,
         log_level=reg.log_level,
+        **observability(reg, None),
     )
     files.put(
         name=f"Write {config} (for the registry container)",

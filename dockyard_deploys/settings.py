@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional, TypeVar
 from pyinfra.api import DeployError
 from pyinfra.context import ctx_host
 
+from dockyard.registry.config import ENDPOINT_KEYS, ConfigError, parse_endpoints
+
 T = TypeVar("T")
 
 
@@ -448,6 +450,29 @@ class TrustSettings:
 LOG_LEVELS: tuple[str, ...] = ("error", "warn", "info", "debug")
 
 
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]*):(\d{1,5})$")
+
+
+def _notification_endpoints(raw: Any) -> tuple[dict[str, Any], ...]:
+    """`registry_notifications`, checked by the core's own parser (the keys and values the
+    registry accepts), kept as given for config.yml."""
+    if not isinstance(raw, (list, tuple)):
+        raise invalid("registry_notifications", raw, "a list of endpoint mappings")
+    try:
+        parse_endpoints(list(raw), key="registry_notifications")
+    except ConfigError as exc:
+        raise SettingsError(f"{exc}") from None
+    unknown = [
+        f"registry_notifications[{i}].{k}"
+        for i, item in enumerate(raw)
+        for k in item
+        if str(k).lower() not in ENDPOINT_KEYS
+    ]
+    if unknown:
+        raise SettingsError(f"{unknown[0]} is not valid; valid: {', '.join(ENDPOINT_KEYS)}")
+    return tuple(dict(item) for item in raw)
+
+
 @dataclass(frozen=True)
 class RegistrySettings:
     """`registry_*` of the registry host: where and how the TLS registry runs."""
@@ -474,6 +499,10 @@ class RegistrySettings:
     image_archive: Optional[str] = None
     # Port the registry listens on (the fleet's endpoint is the first registry host:port).
     port: int = 5443
+    # host:port of the debug listener: /metrics (Prometheus) and /debug/health, plain HTTP.
+    metrics_addr: str = "127.0.0.1:5001"
+    # Webhook endpoints for events (distribution's notifications.endpoints entries, as dicts).
+    notifications: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def from_data(cls, data: Any) -> RegistrySettings:
@@ -484,6 +513,13 @@ class RegistrySettings:
                 raise SettingsError(
                     f"registry_users: user {user!r} needs a name without ':' and a password"
                 )
+        port = d.number("registry_port", base.port, 1, 65535)
+        metrics_addr = d.text("registry_metrics_addr", base.metrics_addr)
+        match = _HOST_PORT.match(metrics_addr)
+        if not match or not 0 < int(match.group(2)) < 65536:
+            raise invalid("registry_metrics_addr", metrics_addr, "host:port like 127.0.0.1:5001")
+        if int(match.group(2)) == port and match.group(1) in ("", "0.0.0.0", "127.0.0.1"):
+            raise invalid("registry_metrics_addr", metrics_addr, f"a port other than {port}")
         return cls(
             data_dir=d.path("registry_data_dir", base.data_dir),
             nfs_backed=d.flag("registry_nfs_backed", base.nfs_backed),
@@ -495,7 +531,9 @@ class RegistrySettings:
             config_dir=d.path("registry_config_dir", base.config_dir),
             image=d.text("registry_image", base.image),
             image_archive=d.optional_text("registry_image_archive"),
-            port=d.number("registry_port", base.port, 1, 65535),
+            port=port,
+            metrics_addr=metrics_addr,
+            notifications=_notification_endpoints(d.raw("registry_notifications", [])),
         )
 
 
@@ -733,6 +771,23 @@ class VolumeSettings:
         return cls(volumes=volumes, volume_dirs=dirs)
 
 
+# --- Rollouts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """`rollout_*`: how `dockyard rollout` groups a Docker host for its canary wave (read on the
+    control machine, never by a deploy)."""
+
+    # The host's release for the canary wave (one host per release); None: the lab's
+    # `lab_release`, else the distribution and version from pyinfra's LinuxDistribution fact.
+    release: Optional[str] = None
+
+    @classmethod
+    def from_data(cls, data: Any) -> RolloutSettings:
+        return cls(release=_Data(data).optional_text("rollout_release"))
+
+
 # --- one object per concern per host ------------------------------------------------------------
 
 # Each concern's settings class and the prefix of its data keys: a field `x` is the key
@@ -748,6 +803,7 @@ PREFIXES: dict[type, str] = {
     RegistrySettings: "registry_",
     CoreSettings: "dockyard_core_",
     VolumeSettings: "docker_",
+    RolloutSettings: "rollout_",
 }
 
 
@@ -808,3 +864,7 @@ def core(on: Any = None) -> CoreSettings:
 
 def volumes(on: Any = None) -> VolumeSettings:
     return _cached(VolumeSettings, VolumeSettings.from_data, on)
+
+
+def rollout(on: Any = None) -> RolloutSettings:
+    return _cached(RolloutSettings, RolloutSettings.from_data, on)

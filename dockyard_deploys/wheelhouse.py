@@ -26,6 +26,7 @@ REQUIREMENTS: tuple[str, ...] = (
     "cryptography>=42,<47",
     "aiohttp>=3.9,<4",
     "bcrypt>=4,<6",
+    "prometheus_client>=0.17,<1",
 )
 # manylinux tags accepted when downloading binary wheels for hosts (glibc 2.17 and newer).
 PLATFORMS: tuple[str, ...] = (
@@ -35,7 +36,8 @@ PLATFORMS: tuple[str, ...] = (
     "manylinux_2_31",
     "manylinux_2_34",
 )
-# The core's console script, as in pyproject's [project.scripts].
+# The core's console script on hosts (the control machine's `dockyard` in pyproject's
+# [project.scripts] is dockyard_deploys.cli:main, which adds `rollout` and hands the rest here).
 CORE_ENTRY_POINTS = "[console_scripts]\ndockyard = dockyard.cli:main\n"
 # Bumped whenever build_core_wheel writes something else, so cached wheelhouses are rebuilt.
 CORE_WHEEL_FORMAT = 1

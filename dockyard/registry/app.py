@@ -1,8 +1,9 @@
 """The registry's aiohttp application: the route table over the handlers (one module per
 resource in handlers/), the middleware (access check, the one translation of registry errors to
-answers, headers, access log), `/v2/`, `/debug/health` and the background tasks (upload
-purging, forgetting digest states of uploads gone elsewhere, sweeping stale temp files, the
-storage health check)."""
+answers, headers, access log, request metrics), `/v2/`, `/debug/health`, the debug listener
+(`http.debug.addr`: `/debug/health` and Prometheus metrics), the notifications' queues and the
+background tasks (upload purging, forgetting digest states of uploads gone elsewhere, sweeping
+stale temp files, the storage health check)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from aiohttp import web
 from dockyard.fsutil import TempSweep
 from dockyard.registry import paths as p
 from dockyard.registry.auth import BasicAuth, check_access, load_htpasswd
-from dockyard.registry.config import RegistryConfig
+from dockyard.registry.config import RegistryConfig, split_addr
 from dockyard.registry.connection import API_VERSION, error_response, json_response
 from dockyard.registry.download import BLOB_READ_THREADS
 from dockyard.registry.errors import (
@@ -36,8 +37,10 @@ from dockyard.registry.handlers.referrers import ReferrerHandlers
 from dockyard.registry.handlers.tags import ListingHandlers
 from dockyard.registry.handlers.uploads import UploadHandlers
 from dockyard.registry.manifeststore import MANIFEST_MAX
+from dockyard.registry.metrics import OTHER_ROUTE, RegistryMetrics, metrics_handler
+from dockyard.registry.notifications import REQUEST_USER, Notifier, basic_user
 from dockyard.registry.store import build_registry
-from dockyard.registry.transfer import BODY_REFUSED
+from dockyard.registry.transfer import BODY_BYTES, BODY_REFUSED
 
 log = logging.getLogger("dockyard.registry")
 
@@ -51,6 +54,10 @@ TEMP_STALE_SECONDS = 3600.0
 TEMP_SWEEP_INTERVAL = 24 * 3600.0
 # Name of the (non-failing) /debug/health entry that reports stale temp files not removed.
 TEMP_HEALTH_CHECK = "storagedriver_filesystem_tempfiles"
+# Request key of the route template the request matched (the metrics' route label).
+ROUTE = "dockyard.route"
+# Route templates of the upload requests that carry blob bytes (registry_uploads_in_progress).
+_UPLOAD_ROUTES = ("/v2/<name>/blobs/uploads/", "/v2/<name>/blobs/uploads/<uuid>")
 
 
 def _routes(ctx: Context, base: Any) -> list[Route]:
@@ -59,9 +66,13 @@ def _routes(ctx: Context, base: Any) -> list[Route]:
     listings, referrers = ListingHandlers(ctx), ReferrerHandlers(ctx)
     name = r"^/v2/(?P<name>.+)"
     return [
-        Route(re.compile(r"^/v2/$"), {"GET": base, "HEAD": base}),
-        Route(re.compile(r"^/v2/_catalog$"), {"GET": listings.catalog}),
-        Route(re.compile(rf"{name}/blobs/uploads/?$"), {"POST": uploads.start}),
+        Route(re.compile(r"^/v2/$"), {"GET": base, "HEAD": base}, "/v2/"),
+        Route(re.compile(r"^/v2/_catalog$"), {"GET": listings.catalog}, "/v2/_catalog"),
+        Route(
+            re.compile(rf"{name}/blobs/uploads/?$"),
+            {"POST": uploads.start},
+            "/v2/<name>/blobs/uploads/",
+        ),
         Route(
             re.compile(rf"{name}/blobs/uploads/(?P<upload>[^/]+)$"),
             {
@@ -70,10 +81,12 @@ def _routes(ctx: Context, base: Any) -> list[Route]:
                 "PUT": uploads.put,
                 "DELETE": uploads.cancel,
             },
+            "/v2/<name>/blobs/uploads/<uuid>",
         ),
         Route(
             re.compile(rf"{name}/blobs/(?P<digest>[^/]+)$"),
             {"GET": blobs.get, "HEAD": blobs.get, "DELETE": blobs.delete},
+            "/v2/<name>/blobs/<digest>",
         ),
         Route(
             re.compile(rf"{name}/manifests/(?P<reference>[^/]+)$"),
@@ -83,9 +96,14 @@ def _routes(ctx: Context, base: Any) -> list[Route]:
                 "PUT": manifests.put,
                 "DELETE": manifests.delete,
             },
+            "/v2/<name>/manifests/<reference>",
         ),
-        Route(re.compile(rf"{name}/tags/list$"), {"GET": listings.tags}),
-        Route(re.compile(rf"{name}/referrers/(?P<digest>[^/]+)$"), {"GET": referrers.get}),
+        Route(re.compile(rf"{name}/tags/list$"), {"GET": listings.tags}, "/v2/<name>/tags/list"),
+        Route(
+            re.compile(rf"{name}/referrers/(?P<digest>[^/]+)$"),
+            {"GET": referrers.get},
+            "/v2/<name>/referrers/<digest>",
+        ),
     ]
 
 
@@ -106,7 +124,13 @@ class RegistryApp:
         self.blob_reads = ThreadPoolExecutor(BLOB_READ_THREADS, thread_name_prefix="blob-read")
         if config.htpasswd_path and config.htpasswd_realm:
             self.auth = BasicAuth(config.htpasswd_realm, load_htpasswd(config.htpasswd_path))
-        self.routes = _routes(Context(self.registry, self.blob_reads), self.base)
+        self.metrics = RegistryMetrics()
+        # events of successful requests, queued per endpoint; only the first process delivers
+        self.notifier: Optional[Notifier] = None
+        if any(not e.disabled for e in config.notifications.endpoints):
+            self.notifier = Notifier(config.notifications, config.addr, deliver=background)
+        context = Context(self.registry, self.blob_reads, self.notifier)
+        self.routes = _routes(context, self.base)
 
     # ---- application wiring --------------------------------------------------------------
     def build(self) -> web.Application:
@@ -118,6 +142,9 @@ class RegistryApp:
         return app
 
     async def _background(self, app: web.Application) -> Any:
+        if self.notifier is not None:
+            await asyncio.to_thread(self.notifier.start)
+        debug = await self._start_debug() if self.background else None
         tasks = []
         if self.config.purge_enabled and not self.config.readonly and self.background:
             tasks.append(asyncio.create_task(self._purge_loop()))
@@ -128,22 +155,93 @@ class RegistryApp:
         yield
         for task in tasks:
             task.cancel()
+        if debug is not None:
+            await debug.cleanup()
+        if self.notifier is not None:
+            # what requests handed over is written to the queues before the process ends
+            await asyncio.to_thread(self.notifier.stop)
         self.blob_reads.shutdown(wait=False, cancel_futures=True)
         if self.auth is not None:
             self.auth.close()
 
+    # ---- the debug listener ----------------------------------------------------------------
+    def build_debug(self) -> web.Application:
+        """The debug listener's application: /debug/health, and the metrics when enabled."""
+        app = web.Application()
+        app.router.add_route("GET", "/debug/health", self.health)
+        if self.config.prometheus_enabled:
+            handler = metrics_handler(self.metrics, self.refresh_metrics)
+            app.router.add_route("GET", self.config.prometheus_path, handler)
+        return app
+
+    async def _start_debug(self) -> Optional[web.AppRunner]:
+        """Serve the debug listener on http.debug.addr (plain HTTP, the first process only)."""
+        if self.config.debug_addr is None:
+            return None
+        host, port = split_addr(self.config.debug_addr)
+        runner = web.AppRunner(self.build_debug(), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(
+                exc.errno, f"http.debug.addr {self.config.debug_addr}: {exc.strerror}"
+            ) from None
+        log.info("debug listener on http://%s:%d", host, port)
+        return runner
+
+    def refresh_metrics(self) -> None:
+        self.metrics.refresh(self.registry, self.notifier, self._storage_healthy)
+
+    def _storage_healthy(self) -> bool:
+        """The health check's verdict when it runs; else a check now."""
+        if self.config.health_enabled:
+            return self.health_failures < self.config.health_threshold
+        try:
+            self.registry.check_storage()
+        except Unavailable:
+            return False
+        return True
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         started = time.monotonic()
+        response: Optional[web.StreamResponse] = None
+        status = 500  # an exception no one answers becomes aiohttp's 500
+        try:
+            response = await self._answer(request, handler)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            route = request.get(ROUTE) or (
+                "/debug/health" if request.path == "/debug/health" else OTHER_ROUTE
+            )
+            sent = 0
+            if response is not None and request.method != "HEAD":
+                sent = response.content_length or 0
+            self.metrics.observe(
+                request.method,
+                route,
+                status,
+                time.monotonic() - started,
+                request.get(BODY_BYTES, 0),
+                sent,
+            )
+
+    async def _answer(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        started = time.monotonic()
         try:
             if request.path.startswith("/v2"):
+                authorization = request.headers.get("Authorization")
                 await check_access(
-                    self.auth,
-                    self.config.readonly,
-                    request.method,
-                    request.headers.get("Authorization"),
-                    request.remote,
+                    self.auth, self.config.readonly, request.method, authorization, request.remote
                 )
+                if self.auth is not None:
+                    request[REQUEST_USER] = basic_user(authorization)
             response = await handler(request)
         except RegistryError as error:
             response = error_response(error)
@@ -175,12 +273,19 @@ class RegistryApp:
             match = route.pattern.match(path)
             if not match:
                 continue
+            request[ROUTE] = route.template
             handler = route.methods.get(request.method)
             if handler is None:
                 raise Unsupported(message=f"{request.method} is not supported on {path[:100]}")
             params = match.groupdict()
             if "name" in params:
                 p.validate_name(params["name"])
+            if route.template in _UPLOAD_ROUTES and request.method in ("POST", "PATCH", "PUT"):
+                self.metrics.uploads.inc()
+                try:
+                    return await handler(request, params)
+                finally:
+                    self.metrics.uploads.dec()
             return await handler(request, params)
         raise NotFound({"path": path[:200]})
 

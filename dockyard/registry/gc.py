@@ -186,6 +186,8 @@ def collect(
                     pass
         if result.deleted_blobs and not dry_run:
             _drop_dangling_layer_links(registry, log)
+        if not dry_run:
+            registry.record_gc(len(result.deleted_blobs), len(result.deleted_manifests))
     result.marked = marker.marked
     log(
         f"{len(marker.marked)} blobs marked, {len(result.deleted_blobs)} blobs and "

@@ -19,6 +19,9 @@ Layout below the storage root (``storage.filesystem.rootdirectory``)::
                                                                   distribution ignores it
       .gc.lock                                                    shared by manifest writers,
                                                                   exclusive for a GC sweep
+      .gc.stats                                                   dockyard's GC totals (JSON:
+                                                                  runs, blobs swept), for the
+                                                                  metrics; distribution ignores it
 
 A link file holds the digest it points to, as text (``sha256:<hex>``). A blob or link is removed
 with its directory (``BlobDir``, ``LayerDir``, ``RevisionDir``, ``ReferrerDir``), and
@@ -104,6 +107,11 @@ class BlobsRoot:
 
 @dataclass(frozen=True)
 class GCLock:
+    pass
+
+
+@dataclass(frozen=True)
+class GCStats:
     pass
 
 
@@ -223,6 +231,7 @@ PathSpec = Union[
     BlobDir,
     BlobsRoot,
     GCLock,
+    GCStats,
     RepositoriesRoot,
     RepoRoot,
     LayerLink,
@@ -271,6 +280,7 @@ _FORMATS: dict[type, Callable[[Any], str]] = {
     BlobDir: lambda s: _blob_dir(s.digest),
     BlobsRoot: lambda s: f"{ROOT_PREFIX}/blobs",
     GCLock: lambda s: f"{ROOT_PREFIX}/.gc.lock",
+    GCStats: lambda s: f"{ROOT_PREFIX}/.gc.stats",
     RepositoriesRoot: lambda s: f"{ROOT_PREFIX}/repositories",
     RepoRoot: lambda s: _repo(s.name),
     LayerLink: lambda s: f"{path_for(LayerDir(s.name, s.digest))}/link",

@@ -6,6 +6,7 @@ holds one of each over the same driver; `build_registry` makes it from a configu
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from dockyard.registry import paths as p
 from dockyard.registry.blobstore import BlobStore
 from dockyard.registry.config import RegistryConfig
 from dockyard.registry.driver import FilesystemDriver, StorageDriver
-from dockyard.registry.errors import DriverError, Unavailable
+from dockyard.registry.errors import DriverError, PathNotFound, Unavailable
 from dockyard.registry.linkedstore import LinkedStore
 from dockyard.registry.manifeststore import MANIFEST_MAX, ManifestStore, media_type_of
 from dockyard.registry.uploadstore import UploadAppender, UploadStatus, UploadStore
@@ -81,6 +82,29 @@ class Registry:
             self.driver.probe()
         except (OSError, DriverError) as exc:
             raise Unavailable(message=f"{type(exc).__name__}: {exc}") from exc
+
+    # ---- garbage collection totals (the metrics read them; gc.collect adds to them) --------
+    def gc_stats(self) -> dict[str, int]:
+        """Garbage collections run on this storage root, and what they removed, in all."""
+        stats = {"runs": 0, "blobs_swept": 0, "manifests_deleted": 0}
+        try:
+            recorded = json.loads(self.driver.get_content(p.path_for(p.GCStats())))
+        except (PathNotFound, ValueError):
+            return stats
+        if isinstance(recorded, dict):
+            for key in stats:
+                value = recorded.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    stats[key] = value
+        return stats
+
+    def record_gc(self, blobs_swept: int, manifests_deleted: int) -> None:
+        """Add one garbage collection to the totals (call it under the exclusive GC lock)."""
+        stats = self.gc_stats()
+        stats["runs"] += 1
+        stats["blobs_swept"] += blobs_swept
+        stats["manifests_deleted"] += manifests_deleted
+        self.driver.put_content(p.path_for(p.GCStats()), json.dumps(stats).encode())
 
     def sweep_temp_files(self, older_than: float, remove: bool) -> TempSweep:
         """Remove (or only find) temp files killed writers left, older than `older_than`."""

@@ -38,6 +38,8 @@ INLINE_BODY_MAX = 2 * 1024 * 1024
 BODY_STALL_SECONDS = 30.0
 # Key of a request whose body the registry stopped reading: its answer closes the connection.
 BODY_REFUSED = "dockyard.body_refused"
+# Request key: body bytes received so far (the metrics' bytes in).
+BODY_BYTES = "dockyard.body_bytes"
 
 
 class BodyStalled(Exception):
@@ -75,6 +77,7 @@ async def next_piece(request: web.Request) -> bytes:
             progress.waiting = False
     if progress is not None:
         progress.read(len(chunk))
+    request[BODY_BYTES] = request.get(BODY_BYTES, 0) + len(chunk)
     return chunk
 
 

@@ -18,8 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CORE_PUBLIC_API: frozenset[str] = frozenset(
     {
         "dockyard",  # __version__, and the package directory the host wheel is built from
+        "dockyard.cli",  # main: the control machine's `dockyard` hands every command but rollout
         "dockyard.pki",  # the fleet CA and certificates (the CA stays on the control machine)
         "dockyard.registry.auth",  # BCRYPT_PASSWORD_MAX: htpasswd users the registry accepts
+        # parse_endpoints, ENDPOINT_KEYS, ConfigError: registry_notifications checked by the
+        # registry's own rules; NOTIFICATIONS_QUEUE_DIRECTORY, the queues' default home
+        "dockyard.registry.config",
     }
 )
 # Top-level packages the core must never import: it runs on hosts, which have none of them.

@@ -74,7 +74,8 @@ def test_host_wheel_is_reproducible(tmp_path: Path) -> None:
 def test_host_requirements_are_pyprojects_dependencies() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert list(dockyard_core.REQUIREMENTS) == project["dependencies"]
-    assert project["scripts"]["dockyard"] == "dockyard.cli:main"
+    # the control machine's `dockyard` adds `rollout`; hosts' wheel keeps the core's entry point
+    assert project["scripts"]["dockyard"] == "dockyard_deploys.cli:main"
 
 
 def test_wheelhouse_path_creates_nothing(tmp_path: Path) -> None:

@@ -107,9 +107,13 @@ def test_environment_overrides_like_the_registry_image() -> None:
 
 def test_unknown_keys_warn_and_are_ignored() -> None:
     seen: list[str] = []
-    config = load_config(text=BASE + "notifications:\n  x: 1\n", environ={}, warn=seen.append)
-    assert seen == ["unknown configuration key notifications (ignored)"]
+    config = load_config(text=BASE + "redis:\n  x: 1\n", environ={}, warn=seen.append)
+    assert seen == ["unknown configuration key redis (ignored)"]
     assert config.warnings == seen
+    # notifications are read now: only what is unknown inside them is warned about
+    seen.clear()
+    load_config(text=BASE + "notifications:\n  x: 1\n", environ={}, warn=seen.append)
+    assert seen == ["unknown configuration key notifications.x (ignored)"]
 
 
 @pytest.mark.parametrize(

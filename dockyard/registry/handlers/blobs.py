@@ -12,6 +12,7 @@ from dockyard.registry import paths as p
 from dockyard.registry.download import send_blob
 from dockyard.registry.errors import Unsupported
 from dockyard.registry.handlers import Context
+from dockyard.registry.notifications import blob_target, delete_target
 from dockyard.registry.transfer import byte_range
 
 log = logging.getLogger("dockyard.registry")
@@ -45,6 +46,7 @@ class BlobHandlers:
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         if request.method == "HEAD":
             headers["Content-Length"] = str(length)
+            self._pulled(request, name, str(digest), size)  # distribution: HEAD is a pull too
             return web.Response(status=status, headers=headers)
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = length
@@ -54,6 +56,7 @@ class BlobHandlers:
                 blob = functools.partial(registry.blobs.open, digest)
                 await send_blob(request, response, blob, start, length, self.ctx.blob_reads)
             await response.write_eof()
+            self._pulled(request, name, str(digest), size)
         except (ConnectionError, BrokenPipeError) as exc:
             # The client went away mid-download: nothing to answer, close the connection.
             log.info("download of %s cut short: %s", digest, exc)
@@ -61,8 +64,14 @@ class BlobHandlers:
                 request.transport.close()
         return response
 
+    def _pulled(self, request: web.Request, name: str, digest: str, size: int) -> None:
+        if self.ctx.notifier is not None:
+            self.ctx.notifier.emit(request, "pull", blob_target(request, name, digest, size))
+
     async def delete(self, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
         refuse_unless_delete_enabled(self.ctx)
         digest = p.parse_digest(params["digest"])
         self.ctx.registry.linked.unlink_blob(params["name"], digest)
+        if self.ctx.notifier is not None:
+            self.ctx.notifier.emit(request, "delete", delete_target(params["name"], str(digest)))
         return web.Response(status=202, headers={"Docker-Content-Digest": str(digest)})

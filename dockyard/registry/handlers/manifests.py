@@ -12,6 +12,7 @@ from dockyard.registry.errors import ManifestInvalid
 from dockyard.registry.handlers import Context
 from dockyard.registry.handlers.blobs import refuse_unless_delete_enabled
 from dockyard.registry.manifeststore import MANIFEST_MAX
+from dockyard.registry.notifications import delete_target, manifest_target
 from dockyard.registry.transfer import read_body
 
 
@@ -28,6 +29,11 @@ class ManifestHandlers:
             "ETag": f'"{digest}"',
             "Content-Type": media,
         }
+        if self.ctx.notifier is not None:  # distribution: a HEAD is a pull too
+            name, reference = params["name"], params["reference"]
+            tag = "" if ":" in reference else reference
+            target = manifest_target(request, name, str(digest), len(raw), media, tag)
+            self.ctx.notifier.emit(request, "pull", target)
         if request.method == "HEAD":
             headers["Content-Length"] = str(len(raw))
             return web.Response(status=200, headers=headers)
@@ -45,11 +51,23 @@ class ManifestHandlers:
         }
         if manifest.subject is not None:
             headers["OCI-Subject"] = str(manifest.subject)
+        if self.ctx.notifier is not None:
+            media = manifest.media_type or request.content_type
+            tag = "" if ":" in reference else reference
+            target = manifest_target(request, name, str(digest), len(raw), media, tag)
+            self.ctx.notifier.emit(request, "push", target)
         return web.Response(status=201, headers=headers)
 
     async def delete(self, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
         refuse_unless_delete_enabled(self.ctx)
-        await asyncio.to_thread(
-            self.ctx.registry.manifests.delete, params["name"], params["reference"]
-        )
+        name, reference = params["name"], params["reference"]
+        await asyncio.to_thread(self.ctx.registry.manifests.delete, name, reference)
+        if self.ctx.notifier is not None:
+            # by digest: the manifest (digest and repository); by tag: the tag, as distribution
+            # 3 tells a tag's deletion (repository and tag)
+            if ":" in reference:
+                target = delete_target(name, digest=reference)
+            else:
+                target = delete_target(name, tag=reference)
+            self.ctx.notifier.emit(request, "delete", target)
         return web.Response(status=202)

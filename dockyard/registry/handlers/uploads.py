@@ -10,6 +10,7 @@ from aiohttp import web
 
 from dockyard.registry import paths as p
 from dockyard.registry.handlers import Context
+from dockyard.registry.notifications import blob_target
 from dockyard.registry.transfer import content_range, digest_param, stream_into
 
 
@@ -32,14 +33,16 @@ class UploadHandlers:
             if source is not None:
                 p.validate_name(source)
                 if self.ctx.registry.linked.mount_blob(name, source, digest):
+                    if self.ctx.notifier is not None:
+                        size = self.ctx.registry.linked.repo_blob_size(name, digest)
+                        target = blob_target(request, name, str(digest), size, source)
+                        self.ctx.notifier.emit(request, "mount", target)
                     return self._created(name, digest)
         status = self.ctx.registry.uploads.start(name)
         if "digest" in request.query:
             digest = digest_param(request.query.get("digest"))
             await stream_into(request, self.ctx.registry.uploads, name, status.upload_id)
-            await asyncio.to_thread(
-                self.ctx.registry.uploads.finish, name, status.upload_id, digest
-            )
+            await self._finish(request, name, status.upload_id, digest)
             return self._created(name, digest)
         return web.Response(status=202, headers=self._upload_headers(name, status.upload_id, 0))
 
@@ -71,8 +74,23 @@ class UploadHandlers:
         if request.can_read_body:
             start, end = content_range(request.headers.get("Content-Range"))
             await stream_into(request, self.ctx.registry.uploads, name, upload_id, start, end)
-        await asyncio.to_thread(self.ctx.registry.uploads.finish, name, upload_id, digest)
+        await self._finish(request, name, upload_id, digest)
         return self._created(name, digest)
+
+    async def _finish(
+        self, request: web.Request, name: str, upload_id: str, digest: p.Digest
+    ) -> None:
+        """Commit the upload; with notifications, a push event (the blob's size read in the
+        same thread hop)."""
+        registry, notifier = self.ctx.registry, self.ctx.notifier
+
+        def finish() -> int:
+            registry.uploads.finish(name, upload_id, digest)
+            return registry.blobs.size(digest) if notifier is not None else 0
+
+        size = await asyncio.to_thread(finish)
+        if notifier is not None:
+            notifier.emit(request, "push", blob_target(request, name, str(digest), size))
 
     async def cancel(self, request: web.Request, params: dict[str, str]) -> web.StreamResponse:
         upload_id = p.validate_upload_id(params["upload"])
