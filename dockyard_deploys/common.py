@@ -67,10 +67,23 @@ def unsupported(what: str, distro: Distro) -> DeployError:
     return DeployError(f"{what} is not supported on {distro.pretty} {distro.version}")
 
 
+# Each host's distribution, read once per run: pyinfra 3 keeps no fact cache, and every concern
+# asks (six LinuxDistribution commands per host before this, about a second each on an emulated
+# VM). Keyed by host name, valid only for the State it was read in.
+_DISTROS: dict[str, tuple[Any, Distro]] = {}
+
+
 def current_distro() -> Distro:
-    """The distribution of the host pyinfra is preparing or running now."""
+    """The distribution of the host pyinfra is preparing or running now (read once per run)."""
+    run = getattr(host, "state", None)
+    cached = _DISTROS.get(host.name)
+    if run is not None and cached is not None and cached[0] is run:
+        return cached[1]
     fact = cast(Any, host.get_fact)(LinuxDistribution)
-    return Distro.from_fact(dict(fact))
+    distro = Distro.from_fact(dict(fact))
+    if run is not None:
+        _DISTROS[host.name] = (run, distro)
+    return distro
 
 
 def install_packages(name: str, packages: list[str], distro: Distro) -> Any:

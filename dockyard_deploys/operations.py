@@ -42,6 +42,7 @@ from dockyard_deploys.facts import (
     DockerImagePresent,
     DockerNamedVolumes,
     DockerVolumeUsers,
+    FileDigests,
     JsonFile,
     KernelNfs,
     RegistryContainer,
@@ -692,6 +693,10 @@ def sync_wheelhouse(
             yield FunctionCommand(wheels.build_wheelhouse, (version, machine, cache), {})
             return
         wheels.build_wheelhouse(version, machine, cache)
+    local = wheels.wheelhouse_digests(version, machine, cache)
+    if local and host.get_fact(FileDigests, path=dest) == local:
+        host.noop(f"{dest} holds the wheelhouse ({len(local)} files, sha256 checked)")
+        return
     yield from files.sync._inner(
         src=str(wheels.wheelhouse_path(version, machine, cache)),
         dest=dest,

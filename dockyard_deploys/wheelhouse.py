@@ -136,6 +136,19 @@ def wheelhouse_ready(version: str, machine: str, cache: str) -> bool:
     return (wheelhouse_path(version, machine, cache) / ".complete").exists()
 
 
+def wheelhouse_digests(version: str, machine: str, cache: str) -> dict[str, str]:
+    """sha256 by file name of a built wheelhouse (what a host's copy must hold); empty when it
+    is not built."""
+    target = wheelhouse_path(version, machine, cache)
+    if not (target / ".complete").exists():
+        return {}
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(target.iterdir())
+        if path.is_file() and not path.name.startswith(".")
+    }
+
+
 def build_wheelhouse(version: str, machine: str, cache: str) -> Path:
     """Wheels for Python `version` on `machine`, built once per source hash."""
     target = wheelhouse_path(version, machine, cache)

@@ -6,6 +6,7 @@ from dockyard_deploys.facts import (
     BlockDevice,
     DockerEngine,
     DockerImagePresent,
+    FileDigests,
     JsonFile,
     KernelFilesystems,
     PathFilesystem,
@@ -59,6 +60,24 @@ def test_docker_engine_running() -> None:
     }
 
 
+def test_docker_engine_running_from_docker_info_alone() -> None:
+    """What the command prints while the engine runs: `docker info` with the server's version
+    (one Go binary; `dockerd --version` only when the engine is down)."""
+    fact = DockerEngine().process(["running|20.10.24+dfsg1|overlay2|/var/lib/docker|3|1"])
+    assert fact == {
+        "version": "20.10.24",
+        "major": 20,
+        "running": True,
+        "driver": "overlay2",
+        "root_dir": "/var/lib/docker",
+        "images": 3,
+        "containers": 1,
+    }
+    command = DockerEngine().command()
+    assert command.startswith("docker info --format 'running|{{.ServerVersion}}|")
+    assert command.endswith("|| dockerd --version")
+
+
 def test_docker_engine_installed_but_stopped() -> None:
     fact = DockerEngine().process(["Docker version 20.10.24+dfsg1, build 297e128"])
     assert fact is not None
@@ -108,3 +127,21 @@ def test_docker_image_present() -> None:
     assert DockerImagePresent().process(["no"]) is False
     assert "docker image inspect 'registry:2'" not in DockerImagePresent().command("registry:2")
     assert "docker image inspect registry:2 " in DockerImagePresent().command("registry:2")
+
+
+def test_file_digests_of_a_wheelhouse(tmp_path) -> None:
+    """Recorded output, then the command itself on a real directory (sh, find, sha256sum)."""
+    import subprocess
+
+    digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    out = [f"{digest}  ./a-1.0-py3-none-any.whl", f"{digest}  ./b c.whl", "garbage", ""]
+    assert FileDigests().process(out) == {"a-1.0-py3-none-any.whl": digest, "b c.whl": digest}
+    (tmp_path / "test.whl").write_text("test")
+    (tmp_path / ".complete").write_text("")
+    (tmp_path / "sub").mkdir()
+    for path, want in ((tmp_path, {"test.whl": digest}), (tmp_path / "missing", {})):
+        proc = subprocess.run(
+            ["sh", "-c", FileDigests().command(str(path))], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert FileDigests().process(proc.stdout.splitlines()) == want
