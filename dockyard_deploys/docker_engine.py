@@ -7,11 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from pyinfra import host
 from pyinfra.api import DeployError, deploy
 from pyinfra.operations import apt, dnf, files, systemd, yum
 
 from dockyard_deploys import settings
 from dockyard_deploys.common import Distro, current_distro, install_packages, unsupported
+from dockyard_deploys.facts import KernelAppArmor
 from dockyard_deploys.settings import EngineSettings
 
 # Releases the engine deploy supports, by Distro.key.
@@ -174,6 +176,16 @@ def install_docker_engine() -> None:
     install_packages(
         f"Install the Docker engine ({', '.join(plan.packages)})", plan.packages, distro
     )
+    if plan.family == "debian" and host.get_fact(KernelAppArmor):
+        # dockerd loads its docker-default profile with apparmor_parser wherever the kernel
+        # enforces AppArmor, and refuses to start any container without it. apt installs it as
+        # docker.io's recommendation, unless recommends are off (or the engine came from an
+        # image built without them, like the lab's VMs: that is how this was found).
+        install_packages(
+            "Install apparmor (the kernel enforces AppArmor: dockerd needs apparmor_parser)",
+            ["apparmor"],
+            distro,
+        )
     systemd.service(
         name="Keep the Docker engine running" + (" and enabled at boot" if engine.enabled else ""),
         service="docker.service",

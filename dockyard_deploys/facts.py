@@ -368,6 +368,33 @@ class HostPython(FactBase[Optional[PythonInfo]]):
         return {"version": parts[0], "machine": parts[1]} if len(parts) == 2 else None
 
 
+class KernelAppArmor(FactBase[bool]):
+    """
+    Whether this kernel enforces AppArmor as dockerd sees it: the module enabled and its
+    securityfs mounted (not so inside a container, whose dockerd runs without profiles).
+
+    .. code:: python
+
+        # Y
+        # securityfs
+        True
+    """
+
+    def command(self) -> str:
+        return (
+            "cat /sys/module/apparmor/parameters/enabled 2>/dev/null; "
+            "test -d /sys/kernel/security/apparmor && echo securityfs || true"
+        )
+
+    @staticmethod
+    def default() -> bool:
+        return False
+
+    def process(self, output: list[str]) -> bool:
+        lines = [line.strip() for line in output]
+        return "Y" in lines and "securityfs" in lines
+
+
 class FileDigests(FactBase[dict[str, str]]):
     """
     The sha256 of every regular file directly in a directory (hidden files left out), by name;

@@ -1,8 +1,9 @@
-"""Lab end to end for tiers 2 and 3: the TLS registry on the storage host (data in the NFS
-export), trusted by every host through certs.d, pulled from every host with docker and with the
-bundled core, the export served by nfs-ganesha and squashed to the anonymous uid, fstab lines
-valid, insecure mode on one host only when asked, and the registry's data surviving a kill.
-Every test leaves the lab as the deploy made it (the last storage test checks no change)."""
+"""Lab end to end for tiers 2 and 3: the TLS registry on the registry VM (data on its NFS mount
+of the storage VM's export), trusted by every host through certs.d, pulled from every host with
+docker and with the bundled core, the export squashed to the anonymous uid (written from a
+container host with the userspace client), fstab lines valid where the kernel has no NFS client,
+insecure mode on one host only when asked, and the registry's data surviving a kill. Every test
+leaves the lab as the deploy made it (the last storage test checks no change)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tests.helpers import docker_import
 pytestmark = pytest.mark.lab
 STATE = Path(os.environ.get("DOCKYARD_LAB_DIR") or defaults.lab_state_dir())
 EXPORT = "/srv/exports/registry"
+MOUNT = "/mnt/registry"
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,13 @@ def storage(lab: list[dict[str, Any]], first_deploy: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def endpoint(storage: dict[str, Any]) -> str:
-    return f"{storage['address']}:5443"
+def registry(lab: list[dict[str, Any]], first_deploy: Any) -> dict[str, Any]:
+    return next(h for h in lab if "registry" in h["groups"])
+
+
+@pytest.fixture(scope="module")
+def endpoint(registry: dict[str, Any]) -> str:
+    return f"{registry['address']}:5443"
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +57,15 @@ def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def pushed(
-    endpoint: str, password: str, ca_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> str:
-    """A small image pushed from the control machine with skopeo, over TLS with auth."""
-    src = tmp_path_factory.mktemp("fleet-image")
+def _push(endpoint: str, password: str, ca_dir: Path, src: Path, repo: str) -> str:
+    """A small image of random bytes pushed from the control machine with skopeo, over TLS
+    with auth; returns its reference."""
+    src.mkdir(parents=True, exist_ok=True)
     (src / "hello.txt").write_text("hello from the fleet registry\n")
     (src / "data.bin").write_bytes(os.urandom(300_000))
-    local = "dockyard-test/fleet:1"
+    local = f"dockyard-test/{repo.replace('/', '-')}:1"
     docker_import(src, local)
-    ref = f"{endpoint}/fleet/app:1"
+    ref = f"{endpoint}/{repo}:1"
     proc = subprocess.run(
         [
             "skopeo",
@@ -74,7 +79,7 @@ def pushed(
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=False,
     )
     subprocess.run(["docker", "rmi", "-f", local], capture_output=True, check=False)
@@ -82,12 +87,23 @@ def pushed(
     return ref
 
 
-def _inspect(ca_dir: Path, password: str, ref: str) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def pushed(
+    endpoint: str, password: str, ca_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """A small image pushed from the control machine with skopeo, over TLS with auth."""
+    return _push(endpoint, password, ca_dir, tmp_path_factory.mktemp("fleet-image"), "fleet/app")
+
+
+def _inspect(
+    ca_dir: Path, password: str, ref: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
     """skopeo inspect through the fleet CA with the registry's credentials."""
     return subprocess.run(
         [
             "skopeo",
             "inspect",
+            *extra,
             "--cert-dir",
             str(ca_dir),
             "--creds",
@@ -176,9 +192,9 @@ def test_ca_key_never_leaves_the_control_machine(hosts: dict[str, Any]) -> None:
 
 
 def test_registry_runs_unprivileged_with_a_0600_key(
-    hosts: dict[str, Any], storage: dict[str, Any]
+    hosts: dict[str, Any], registry: dict[str, Any]
 ) -> None:
-    host = hosts[storage["name"]]
+    host = hosts[registry["name"]]
     assert host.service("dockyard-registry").is_running
     assert host.service("dockyard-registry").is_enabled
     key = host.file("/etc/dockyard/registry/certs/registry.key")
@@ -187,32 +203,34 @@ def test_registry_runs_unprivileged_with_a_0600_key(
 
 
 def test_export_is_served_and_squashed_to_the_anonymous_uid(
-    hosts: dict[str, Any], storage: dict[str, Any]
+    hosts: dict[str, Any], storage: dict[str, Any], overlay_host: str
 ) -> None:
     server = hosts[storage["name"]]
-    client_name = next(n for n in hosts if n != storage["name"])
-    client = hosts[client_name]
+    client = hosts[overlay_host]  # a container: libnfs-utils, the userspace client
     url = f"nfs://{storage['address']}{EXPORT}"
-    client.check_output("echo written-over-nfs > /tmp/nfs-probe.txt")
-    copied = client.run(f"nfs-cp /tmp/nfs-probe.txt '{url}/nfs-probe.txt?version=4'")
+    probe = f"nfs-probe-{os.getpid()}-{time.monotonic_ns()}.txt"  # never one a run left
+    client.check_output(f"echo written-over-nfs > /tmp/{probe}")
+    copied = client.run(f"nfs-cp /tmp/{probe} '{url}/{probe}?version=4'")
     assert copied.rc == 0, copied.stderr
     try:
-        assert "nfs-probe.txt" in client.check_output(f"nfs-ls '{url}?version=4'")
-        probe = server.file(f"{EXPORT}/nfs-probe.txt")
-        assert probe.uid == 65534 and probe.gid == 65534
-        assert probe.content_string == "written-over-nfs\n"
+        assert probe in client.check_output(f"nfs-ls '{url}?version=4'")
+        landed = server.file(f"{EXPORT}/{probe}")
+        assert landed.uid == 65534 and landed.gid == 65534
+        assert landed.content_string == "written-over-nfs\n"
         export_dir = server.file(EXPORT)
         assert export_dir.user == "nobody" and not export_dir.mode & 0o002
     finally:
-        server.run(f"rm -f {EXPORT}/nfs-probe.txt")
+        server.run(f"rm -f {EXPORT}/{probe}")
+        client.run(f"rm -f /tmp/{probe}")
 
 
 def test_clients_have_valid_fstab_lines_only_written(
-    hosts: dict[str, Any], storage: dict[str, Any]
+    hosts: dict[str, Any], storage: dict[str, Any], lab: list[dict[str, Any]]
 ) -> None:
-    for name, host in hosts.items():
-        if name == storage["name"]:
-            continue
+    """The container Docker hosts: no NFS client in the machine's kernel (the registry VM's
+    mount is real: tests/fleet/test_topology_e2e.py)."""
+    for name in (h["name"] for h in lab if h["kind"] == "container"):
+        host = hosts[name]
         line = f"{storage['address']}:{EXPORT} /mnt/registry nfs4 rw,hard,noatime,_netdev 0 0"
         fstab = host.file("/etc/fstab").content_string
         assert fstab.count("/mnt/registry") == 1 and line in fstab, name
@@ -240,29 +258,30 @@ def test_insecure_mode_on_one_host_only_when_asked(
 
 
 def test_registry_refuses_a_data_dir_that_is_not_nfs_backed(
-    hosts: dict[str, Any], storage: dict[str, Any]
+    hosts: dict[str, Any], registry: dict[str, Any]
 ) -> None:
     run = run_deploy(
-        "--limit", storage["name"], "--data", "registry_data_dir=/var/tmp/local-registry"
+        "--limit", registry["name"], "--data", "registry_data_dir=/var/tmp/local-registry"
     )
     assert run.returncode != 0
     assert "registry_data_dir /var/tmp/local-registry is not NFS-backed" in run.log
-    host = hosts[storage["name"]]
+    host = hosts[registry["name"]]
     assert host.service("dockyard-registry").is_running
     assert (
-        f"rootdirectory: {EXPORT}" in host.file("/etc/dockyard/registry/config.yml").content_string
+        f"rootdirectory: {MOUNT}" in host.file("/etc/dockyard/registry/config.yml").content_string
     )
+    assert not host.file("/var/tmp/local-registry").exists
 
 
 def test_registry_data_survives_a_kill(
     hosts: dict[str, Any],
-    storage: dict[str, Any],
+    registry: dict[str, Any],
     endpoint: str,
     ca_dir: Path,
     password: str,
     pushed: str,
 ) -> None:
-    host = hosts[storage["name"]]
+    host = hosts[registry["name"]]
     host.run("systemctl kill -s KILL dockyard-registry")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -280,6 +299,7 @@ def test_registry_data_survives_a_kill(
 
 def test_upstream_registry_image_from_an_archive(
     hosts: dict[str, Any],
+    registry: dict[str, Any],
     storage: dict[str, Any],
     endpoint: str,
     ca_dir: Path,
@@ -305,8 +325,8 @@ def test_upstream_registry_image_from_an_archive(
         "--data",
         f"registry_image_archive={archive}",
     ]
-    limit = ["--limit", storage["name"]]
-    host = hosts[storage["name"]]
+    limit = ["--limit", registry["name"]]
+    host = hosts[registry["name"]]
 
     def inspect() -> subprocess.CompletedProcess[str]:
         return _inspect(ca_dir, password, pushed)
@@ -328,6 +348,15 @@ def test_upstream_registry_image_from_an_archive(
         assert recreated.returncode == 0
         assert any("Run the registry container" in op for op in recreated.changed_ops())
         assert inspect().returncode == 0  # the data survived the container
+        # What the container writes lands in the storage host's export, squashed.
+        via = _push(endpoint, password, ca_dir, tmp_path / "src", "fleet/via-container")
+        raw = _inspect(ca_dir, password, via, "--raw")
+        assert raw.returncode == 0, raw.stderr
+        layer = json.loads(raw.stdout)["layers"][0]["digest"].split(":", 1)[1]
+        blob = hosts[storage["name"]].file(
+            f"{EXPORT}/docker/registry/v2/blobs/sha256/{layer[:2]}/{layer}/data"
+        )
+        assert blob.exists and (blob.uid, blob.gid) == (65534, 65534)
     finally:
         back = run_deploy(*limit)
     assert back.returncode == 0, back.failures()
@@ -359,27 +388,37 @@ def test_os_trust_store_when_asked(hosts: dict[str, Any], endpoint: str, overlay
 
 
 def test_mutual_tls_when_asked(
-    hosts: dict[str, Any], endpoint: str, ca_dir: Path, password: str, pushed: str
+    hosts: dict[str, Any],
+    endpoint: str,
+    ca_dir: Path,
+    password: str,
+    pushed: str,
+    registry: dict[str, Any],
+    overlay_host: str,
 ) -> None:
-    run = run_deploy("--data", "registry_client_certs=true")
+    """registry_client_certs on the registry host and one Docker host (the others would only
+    repeat it, each in emulated minutes on the VMs): the registry then refuses a handshake
+    without a client certificate, and the Docker host pulls with the certs.d client pair."""
+    limit = ("--limit", f"{registry['name']},{overlay_host}")
+    run = run_deploy(*limit, "--data", "registry_client_certs=true")
     try:
         assert run.returncode == 0, run.failures()
         with pytest.raises((ssl.SSLError, ConnectionError, OSError, IndexError, ValueError)):
             _get(endpoint, ca_dir)  # no client certificate: the handshake or request fails
-        for name, host in hosts.items():
-            certs = f"/etc/docker/certs.d/{endpoint}"
-            assert host.file(f"{certs}/client.cert").mode == 0o444, name
-            assert host.file(f"{certs}/client.key").mode == 0o600, name
-            pulled = host.run(
-                f"echo {password} | dockyard image pull {pushed} --root "
-                "/tmp/dy-mtls --username fleet --password-stdin"
-            )
-            assert pulled.rc == 0, (name, pulled.stderr)
-            login = host.run(f"echo {password} | docker login -u fleet --password-stdin {endpoint}")
-            assert login.rc == 0, (name, login.stderr)
-            assert host.run(f"docker pull {pushed}").rc == 0, name
-            host.run(f"docker rmi -f {pushed}; docker logout {endpoint}; rm -rf /tmp/dy-mtls")
+        host = hosts[overlay_host]
+        certs = f"/etc/docker/certs.d/{endpoint}"
+        assert host.file(f"{certs}/client.cert").mode == 0o444
+        assert host.file(f"{certs}/client.key").mode == 0o600
+        pulled = host.run(
+            f"echo {password} | dockyard image pull {pushed} --root "
+            "/tmp/dy-mtls --username fleet --password-stdin"
+        )
+        assert pulled.rc == 0, pulled.stderr
+        login = host.run(f"echo {password} | docker login -u fleet --password-stdin {endpoint}")
+        assert login.rc == 0, login.stderr
+        assert host.run(f"docker pull {pushed}").rc == 0
+        host.run(f"docker rmi -f {pushed}; docker logout {endpoint}; rm -rf /tmp/dy-mtls")
     finally:
-        back = run_deploy()
+        back = run_deploy(*limit)
     assert back.returncode == 0, back.failures()
     assert _get(endpoint, ca_dir)[0] == 401

@@ -1,6 +1,7 @@
-"""Lab end to end for tier 1 (engine and storage driver) on bullseye, bookworm and trixie: what a
-first deploy leaves, the btrfs data root, every refusal and the rollback leave the engine running
-on its old configuration, and a second deploy reports no change on any host."""
+"""Lab end to end for tier 1 (engine and storage driver) on bullseye, bookworm and trixie, and on
+the storage and registry VMs (Docker hosts too): what a first deploy leaves, the btrfs data
+root, every refusal and the rollback leave the engine running on its old configuration, and a
+second deploy reports no change on any host."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ def _daemon_json(host: Any) -> dict[str, Any]:
 
 
 def test_lab_status_lists_every_host(lab: list[dict[str, Any]]) -> None:
-    assert sorted(h["release"] for h in lab) == ["bookworm", "bullseye", "trixie"]
+    containers = [h for h in lab if h["kind"] == "container"]
+    assert sorted(h["release"] for h in containers) == ["bookworm", "bullseye", "trixie"]
     for h in lab:
-        assert set(h) >= {"name", "address", "release", "groups", "ssh_user", "ssh_key"}
+        assert set(h) >= {"name", "address", "release", "groups", "ssh_user", "ssh_key", "kind"}
         assert h["state"] == "running" and "docker_hosts" in h["groups"]
     assert sum("storage" in h["groups"] for h in lab) == 1
+    assert sum("registry" in h["groups"] for h in lab) == 1
 
 
 def test_first_deploy_succeeds_everywhere(first_deploy: DeployRun) -> None:

@@ -1,8 +1,12 @@
-"""Lab VM hosts end to end: a small lab of its own (DOCKYARD_LAB_NAME=dockyard-vmtest: one
-bookworm container and one qemu VM) — the VM runs a real kernel that loads nfsd, is reached over
-ssh with strict host-key checking, sits on the lab network beside the container, boots from an
-overlay of the cached image, is listed with kind `vm`, and `dockyard-lab down` leaves nothing of
-it (no qemu process, no tap device, no overlay)."""
+"""Lab VM hosts end to end, and nfs-ganesha where the kernel has no NFS server: a small lab of
+its own (DOCKYARD_LAB_NAME=dockyard-vmtest, the container-only topology plus one extra VM: a
+bookworm container that is the storage, registry and Docker host, and one qemu VM) — the VM runs
+a real kernel that loads nfsd, is reached over ssh with strict host-key checking, sits on the lab
+network beside the container, boots from an overlay of the cached image, is listed with kind
+`vm`; the deploy picks nfs-ganesha on the container from its facts, runs the registry on the
+export's directory there, and the VM's kernel mounts the ganesha export (writes squashed to the
+anonymous uid); `dockyard-lab down` leaves nothing of the VM (no qemu process, no tap device, no
+overlay)."""
 
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ ENV = {**os.environ, "DOCKYARD_LAB_NAME": LAB_NAME, "PYTHONUNBUFFERED": "1"}
 UP_TIMEOUT = 1200
 # Bound on `dockyard-lab down` (SIGTERM, then SIGKILL after a few seconds).
 DOWN_TIMEOUT = 120
+# Bound on the deploy to the container (the engine and nfs-ganesha from Debian's archive).
+DEPLOY_TIMEOUT = 900
+EXPORT = "/srv/exports/registry"
 
 
 def _lab(*args: str, timeout: float = DOWN_TIMEOUT) -> str:
@@ -72,7 +79,13 @@ def vm_lab() -> Iterator[dict[str, Any]]:
     """The VM test lab, up; `down` afterwards whatever happened."""
     _lab("down")
     started = time.monotonic()
-    out = _lab("up", "--hosts", "1", "--releases", "bookworm", "--vms", "1", timeout=UP_TIMEOUT)
+    out = _lab(
+        "up",
+        "--topology",
+        "containers",
+        *("--hosts", "1", "--releases", "bookworm", "--vms", "1"),
+        timeout=UP_TIMEOUT,
+    )
     print(f"\n`dockyard-lab up --vms 1` took {time.monotonic() - started:.0f} s:\n{out}")
     try:
         hosts = json.loads(_lab("status", "--json"))
@@ -85,15 +98,7 @@ def vm_lab() -> Iterator[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def vm_host(vm_lab: dict[str, Any]) -> Any:
     """testinfra over ssh with the lab key and strict host-key checking (as the fleet's hosts)."""
-    item = vm_lab[VM_NAME]
-    return testinfra.get_host(
-        f"ssh://{item['ssh_user']}@{item['address']}",
-        ssh_identity_file=item["ssh_key"],
-        ssh_extra_args=(
-            f"-o UserKnownHostsFile={item['ssh_known_hosts']} "
-            "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o BatchMode=yes"
-        ),
-    )
+    return _testinfra(vm_lab[VM_NAME])
 
 
 def test_status_lists_each_host_with_its_kind(vm_lab: dict[str, Any]) -> None:
@@ -153,6 +158,50 @@ def test_vm_reaches_the_container_on_the_lab_network(vm_lab: dict[str, Any], vm_
         container,
     )
     assert banner.startswith("SSH-")
+
+
+def _testinfra(item: dict[str, Any]) -> Any:
+    return testinfra.get_host(
+        f"ssh://{item['ssh_user']}@{item['address']}",
+        ssh_identity_file=item["ssh_key"],
+        ssh_extra_args=(
+            f"-o UserKnownHostsFile={item['ssh_known_hosts']} "
+            "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o BatchMode=yes"
+        ),
+    )
+
+
+def test_ganesha_serves_where_the_kernel_has_no_nfsd_and_a_vm_kernel_mounts_it(
+    vm_lab: dict[str, Any], vm_host: Any
+) -> None:
+    container_item = vm_lab[f"{LAB_NAME}-bookworm"]
+    proc = subprocess.run(
+        [str(BIN / "pyinfra"), "inventory/lab.py", "deploy.py", "-y"]
+        + ["--limit", container_item["name"]],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=DEPLOY_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Install the NFS server (ganesha: nfs-ganesha, nfs-ganesha-vfs)" in proc.stderr
+    container = _testinfra(container_item)
+    assert container.service("nfs-ganesha").is_running
+    assert container.service("dockyard-registry").is_running
+    config = container.file("/etc/dockyard/registry/config.yml").content_string
+    assert f"rootdirectory: {EXPORT}" in config  # the export's directory on this host
+    mounted = "/mnt/dockyard-ganesha"
+    vm_host.check_output(f"mkdir -p {mounted}")
+    vm_host.check_output(f"mount -t nfs4 {container_item['address']}:{EXPORT} {mounted}")
+    try:
+        vm_host.check_output(f"echo from-the-vm > {mounted}/vm-probe.txt")
+        probe = container.file(f"{EXPORT}/vm-probe.txt")
+        assert probe.content_string == "from-the-vm\n"
+        assert (probe.uid, probe.gid) == (65534, 65534)  # root on the VM, squashed
+    finally:
+        vm_host.run(f"rm -f {mounted}/vm-probe.txt; umount {mounted}")
 
 
 def test_vm_boots_from_an_overlay_of_the_cached_image(vm_lab: dict[str, Any]) -> None:

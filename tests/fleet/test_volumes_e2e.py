@@ -4,10 +4,11 @@ WordPress-shaped stack on every Docker host after the first deploy (`db_data` lo
 with the NFS shorthand's options, unchanged by a second deploy, its drift refused while a
 container uses it and recreated once none does, kept when dropped from the list, removed only
 when marked absent — host directories with their owner and mode, a local named volume's data
-surviving `docker rm -f` of the container that wrote it, and the whole deploy changing nothing
-the second time. The lab's kernel has no NFS client: NFS-backed volumes are created and
-inspected here, never mounted (a container writing on one host and reading on another needs
-VM hosts)."""
+surviving `docker rm -f` of the container that wrote it, the NFS-backed `wp_content` written by
+a container on one VM and read by a container on the other (the kernels' NFS client; the data
+survives `docker rm -f` and the volume's re-creation); the storage tests' last check (a second
+deploy reports no change on any host) covers the volumes too. The container hosts' kernel has no NFS client: there NFS-backed volumes are
+created and inspected, never mounted."""
 
 from __future__ import annotations
 
@@ -171,11 +172,34 @@ def test_a_local_volume_keeps_its_data_past_docker_rm_f(
         )
 
 
-def test_second_deploy_with_the_volumes_reports_no_change_on_any_host(
-    lab: list[dict[str, Any]], first_deploy: DeployRun
+def test_an_nfs_backed_volume_is_shared_across_hosts(
+    hosts: dict[str, Any], lab: list[dict[str, Any]], storage: dict[str, Any]
 ) -> None:
-    run = run_deploy()
-    _ok(run)
-    assert run.totals["success"] == 0, run.changed_ops()
-    assert run.totals["error"] == 0
-    assert run.totals["no_change"] == run.totals["hosts"] > 0
+    """The seed's wp-content: a container on the registry VM writes into `wp_content`, a
+    container on the storage VM reads it; the file lands in the export as the anonymous uid,
+    and survives `docker rm -f` and the volume's re-creation by the deploy."""
+    writer_name = next(h["name"] for h in lab if "registry" in h["groups"])
+    writer, reader = hosts[writer_name], hosts[storage["name"]]
+    marker = "dockyard-test-shared.txt"
+    try:
+        image = _tiny_image(writer)
+        writer.check_output(
+            f"docker run --name {USER} -v wp_content:/data {image} "
+            f"/bin/sh -c 'echo written-on-{writer_name} > /data/{marker}'"
+        )
+        writer.check_output(f"docker rm -f {USER}")
+        read_image = _tiny_image(reader)
+        read = f"docker run --rm -v wp_content:/data {read_image} /bin/cat /data/{marker}"
+        assert reader.check_output(read) == f"written-on-{writer_name}"
+        landed = reader.file(f"/srv/exports/wp-content/{marker}")
+        assert (landed.uid, landed.gid) == (65534, 65534)
+        # The volume removed on the writer and recreated by the deploy: the data is the export's.
+        writer.check_output("docker volume rm wp_content")
+        again = run_deploy("--limit", writer_name)
+        _ok(again)
+        assert any("wp_content" in op for op in again.changed_ops()), again.changed_ops()
+        reread = f"docker run --rm -v wp_content:/data {image} /bin/cat /data/{marker}"
+        assert writer.check_output(reread) == f"written-on-{writer_name}"
+    finally:
+        writer.run(f"docker rm -f {USER}; docker rmi {IMAGE}")
+        reader.run(f"docker rmi {IMAGE}; rm -f /srv/exports/wp-content/{marker}")

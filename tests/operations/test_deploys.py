@@ -25,13 +25,14 @@ BOOKWORM = {
         "release_meta": {"ID": "debian", "VERSION_ID": "12", "VERSION_CODENAME": "bookworm"},
     }
 }
-# Facts every host answers: Debian 12 on ext4 with kernel NFS, nothing installed yet.
+# Facts every host answers: Debian 12 on ext4 with kernel NFS and AppArmor, nothing installed yet.
 BASE: dict[str, Any] = {
     "LinuxDistribution": BOOKWORM,
     "KernelFilesystems": ["nodev\toverlay", "\text4", "\txfs", "\tbtrfs"],
     "PathFilesystem": ["/var/lib/docker", "ext4 /dev/sda1 /", "ftype="],
     "DockerEngine": [],
     "KernelNfs": ["server=yes client=yes"],
+    "KernelAppArmor": ["Y", "securityfs"],
     "HostPython": {"__value__": {"version": "3.11", "machine": "x86_64"}},
     "Mounts": {"__value__": {"/": {"type": "ext4"}}},
 }
@@ -147,6 +148,20 @@ def test_every_export_comes_before_any_mount(monkeypatch: pytest.MonkeyPatch) ->
     mounts = [o.op_hash for o in fleet.ops("registry-01.example.net") if "Mount NFS" in o.name]
     assert exports and mounts
     assert max(order.index(h) for h in exports) < min(order.index(h) for h in mounts)
+
+
+def test_apparmor_comes_with_the_engine_where_the_kernel_enforces_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bug (seen on the lab's VMs): docker.io without apparmor (recommends not installed) on an
+    AppArmor kernel refuses to start any container. A container host (no securityfs) gets none."""
+    hosts = [
+        FleetHost("docker-01.example.net", ["docker_hosts"], {}, dict(BASE)),
+        FleetHost("docker-02.example.net", ["docker_hosts"], {}, {**BASE, "KernelAppArmor": ["Y"]}),
+    ]
+    fleet = run_deploy_py(hosts, monkeypatch)
+    assert any("Install apparmor" in n for n in fleet.names("docker-01.example.net"))
+    assert not any("Install apparmor" in n for n in fleet.names("docker-02.example.net"))
 
 
 def test_registry_image_without_pki_dir_uses_the_default_pki_dir(

@@ -8,6 +8,7 @@ from dockyard_deploys.facts import (
     DockerImagePresent,
     FileDigests,
     JsonFile,
+    KernelAppArmor,
     KernelFilesystems,
     PathFilesystem,
     RegistryContainer,
@@ -145,3 +146,10 @@ def test_file_digests_of_a_wheelhouse(tmp_path) -> None:
         )
         assert proc.returncode == 0, proc.stderr
         assert FileDigests().process(proc.stdout.splitlines()) == want
+
+
+def test_kernel_apparmor_as_dockerd_sees_it() -> None:
+    assert KernelAppArmor().process(["Y", "securityfs"]) is True  # a VM or a real host
+    assert KernelAppArmor().process(["Y"]) is False  # a container: no securityfs
+    assert KernelAppArmor().process(["N", "securityfs"]) is False
+    assert KernelAppArmor().process([]) is False
