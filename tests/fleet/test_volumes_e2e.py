@@ -7,8 +7,8 @@ when marked absent — host directories with their owner and mode, a local named
 surviving `docker rm -f` of the container that wrote it, the NFS-backed `wp_content` written by
 a container on one VM and read by a container on the other (the kernels' NFS client; the data
 survives `docker rm -f` and the volume's re-creation); the storage tests' last check (a second
-deploy reports no change on any host) covers the volumes too. The container hosts' kernel has no NFS client: there NFS-backed volumes are
-created and inspected, never mounted."""
+deploy reports no change on any host) covers the volumes too. The container hosts' kernel has
+no NFS client: there NFS-backed volumes are created and inspected, never mounted."""
 
 from __future__ import annotations
 
