@@ -399,7 +399,7 @@ def test_mutual_tls_when_asked(
     """registry_client_certs on the registry host and one Docker host (the others would only
     repeat it, each in emulated minutes on the VMs): the registry then refuses a handshake
     without a client certificate, and the Docker host pulls with the certs.d client pair."""
-    limit = ("--limit", f"{registry['name']},{overlay_host}")
+    limit = ("--limit", registry["name"], "--limit", overlay_host)  # one flag per host
     run = run_deploy(*limit, "--data", "registry_client_certs=true")
     try:
         assert run.returncode == 0, run.failures()
