@@ -118,11 +118,23 @@ class DockerEngine(FactBase[Optional[DockerEngineDict]]):
 
     def process(self, output) -> Optional[DockerEngineDict]:
         lines = [line.strip() for line in output if line.strip()]
-        running = [line for line in lines if line.startswith("running|") and line.count("|") == 5]
-        if running:  # "running|20.10.24+dfsg1|overlay2|/var/lib/docker|3|1"
-            _, server, driver, root_dir, images, containers = running[0].split("|")
-            lines = [f"Docker version {server}", f"{driver}|{root_dir}|{images}|{containers}"]
-        if not lines or not lines[0].startswith("Docker version "):
+        for line in lines:  # "running|20.10.24+dfsg1|overlay2|/var/lib/docker|3|1"
+            fields = line.split("|")
+            # `docker info` prints the template with empty server fields (and fails) when the
+            # daemon does not answer, e.g. while it restarts: then dockerd --version speaks.
+            if (
+                len(fields) == 6
+                and fields[0] == "running"
+                and all(fields[1:4])
+                and fields[4].isdigit()
+                and fields[5].isdigit()
+            ):
+                _, server, driver, root_dir, images, containers = fields
+                lines = [f"Docker version {server}", f"{driver}|{root_dir}|{images}|{containers}"]
+                break
+        else:
+            lines = [line for line in lines if not line.startswith("running|")]
+        if not lines or not lines[0].startswith("Docker version ") or len(lines[0].split()) < 3:
             return None
         version = lines[0].split()[2].rstrip(",")
         number = version.split("+")[0].split("-")[0]

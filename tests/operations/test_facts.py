@@ -79,6 +79,19 @@ def test_docker_engine_running_from_docker_info_alone() -> None:
     assert command.endswith("|| dockerd --version")
 
 
+def test_docker_engine_whose_daemon_does_not_answer() -> None:
+    """Bug (a fresh lab's first deploy crashed pyinfra): while the daemon restarts, `docker info`
+    prints the template with empty server fields and fails, then `dockerd --version` speaks."""
+    fact = DockerEngine().process(["running|||||", "Docker version 20.10.24+dfsg1, build 5d6db84"])
+    assert fact is not None
+    assert fact["running"] is False and fact["version"] == "20.10.24"
+    assert DockerEngine().process(["running|||||"]) is None
+    assert DockerEngine().process(["Docker version"]) is None
+    # recorded on a lab host with the engine stopped (docker info fails after `running|`)
+    stopped = DockerEngine().process(["running|", "Docker version 20.10.24+dfsg1, build 5d6db84"])
+    assert stopped is not None and stopped["running"] is False and stopped["major"] == 20
+
+
 def test_docker_engine_installed_but_stopped() -> None:
     fact = DockerEngine().process(["Docker version 20.10.24+dfsg1, build 297e128"])
     assert fact is not None
