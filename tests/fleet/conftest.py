@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import testinfra
 
+from dockyard_lab import defaults
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 LAB_NAME = "dockyard-test"
@@ -125,3 +127,29 @@ def btrfs_host(lab: list[dict[str, Any]]) -> str:
 def overlay_host(lab: list[dict[str, Any]], btrfs_host: str) -> str:
     """A host on overlay2 that the failure cases may disturb (and must leave as it was)."""
     return str(next(h["name"] for h in lab if h["name"] != btrfs_host))
+
+
+# The lab's state directory: its PKI directory (the fleet CA) and the registry's password.
+STATE = Path(os.environ.get("DOCKYARD_LAB_DIR") or defaults.lab_state_dir())
+
+
+@pytest.fixture(scope="session")
+def storage(lab: list[dict[str, Any]], first_deploy: DeployRun) -> dict[str, Any]:
+    """The lab's storage host (the storage VM in the seed topology), after the first deploy."""
+    return next(h for h in lab if "storage" in h["groups"])
+
+
+@pytest.fixture(scope="session")
+def registry(lab: list[dict[str, Any]], first_deploy: DeployRun) -> dict[str, Any]:
+    """The lab's registry host (the registry VM in the seed topology), after the first deploy."""
+    return next(h for h in lab if "registry" in h["groups"])
+
+
+@pytest.fixture(scope="session")
+def endpoint(registry: dict[str, Any]) -> str:
+    return f"{registry['address']}:5443"
+
+
+@pytest.fixture(scope="session")
+def password() -> str:
+    return (STATE / f"{LAB_NAME}.registry-password").read_text().strip()

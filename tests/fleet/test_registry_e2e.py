@@ -19,34 +19,12 @@ from typing import Any
 
 import pytest
 
-from dockyard_lab import defaults
-from tests.fleet.conftest import LAB_NAME, run_deploy
+from tests.fleet.conftest import LAB_NAME, STATE, run_deploy
 from tests.helpers import docker_import
 
 pytestmark = pytest.mark.lab
-STATE = Path(os.environ.get("DOCKYARD_LAB_DIR") or defaults.lab_state_dir())
 EXPORT = "/srv/exports/registry"
 MOUNT = "/mnt/registry"
-
-
-@pytest.fixture(scope="module")
-def storage(lab: list[dict[str, Any]], first_deploy: Any) -> dict[str, Any]:
-    return next(h for h in lab if "storage" in h["groups"])
-
-
-@pytest.fixture(scope="module")
-def registry(lab: list[dict[str, Any]], first_deploy: Any) -> dict[str, Any]:
-    return next(h for h in lab if "registry" in h["groups"])
-
-
-@pytest.fixture(scope="module")
-def endpoint(registry: dict[str, Any]) -> str:
-    return f"{registry['address']}:5443"
-
-
-@pytest.fixture(scope="module")
-def password() -> str:
-    return (STATE / f"{LAB_NAME}.registry-password").read_text().strip()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ bare directory. Every test leaves the lab as the deploy made it."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -20,38 +19,16 @@ from typing import Any
 
 import pytest
 
-from dockyard_lab import defaults
-from tests.fleet.conftest import LAB_NAME, DeployRun, run_deploy
+from tests.fleet.conftest import LAB_NAME, STATE, DeployRun, run_deploy
 
 pytestmark = pytest.mark.lab
 
-STATE = Path(os.environ.get("DOCKYARD_LAB_DIR") or defaults.lab_state_dir())
 EXPORT = "/srv/exports/registry"
 MOUNT = "/mnt/registry"
 PORT = 5443
 # Bounds of the waits below (emulated VMs: a reboot takes one to two and a half minutes).
 REBOOT_SECONDS = 420
 HEALTH_SECONDS = 180
-
-
-@pytest.fixture(scope="module")
-def storage(lab: list[dict[str, Any]], first_deploy: DeployRun) -> dict[str, Any]:
-    return next(h for h in lab if "storage" in h["groups"])
-
-
-@pytest.fixture(scope="module")
-def registry(lab: list[dict[str, Any]], first_deploy: DeployRun) -> dict[str, Any]:
-    return next(h for h in lab if "registry" in h["groups"])
-
-
-@pytest.fixture(scope="module")
-def endpoint(registry: dict[str, Any]) -> str:
-    return f"{registry['address']}:{PORT}"
-
-
-@pytest.fixture(scope="module")
-def password() -> str:
-    return (STATE / f"{LAB_NAME}.registry-password").read_text().strip()
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,6 @@ IMAGE = "dockyard-test/sh:1"
 EXPORT = "/srv/exports/registry"
 
 
-@pytest.fixture(scope="module")
-def storage(lab: list[dict[str, Any]], first_deploy: Any) -> dict[str, Any]:
-    return next(h for h in lab if "storage" in h["groups"])
-
-
 def _inspect(host: Any, name: str) -> dict[str, Any]:
     out = host.run(f"docker volume inspect {name}")
     assert out.rc == 0, (name, out.stderr)
