@@ -136,17 +136,24 @@ def wheelhouse_ready(version: str, machine: str, cache: str) -> bool:
     return (wheelhouse_path(version, machine, cache) / ".complete").exists()
 
 
+# Digests of complete wheelhouses by path: a complete one never changes (its name holds the
+# source hash), so the files are hashed once per run, not once per host.
+_DIGESTS: dict[str, dict[str, str]] = {}
+
+
 def wheelhouse_digests(version: str, machine: str, cache: str) -> dict[str, str]:
     """sha256 by file name of a built wheelhouse (what a host's copy must hold); empty when it
     is not built."""
     target = wheelhouse_path(version, machine, cache)
     if not (target / ".complete").exists():
         return {}
-    return {
-        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(target.iterdir())
-        if path.is_file() and not path.name.startswith(".")
-    }
+    if str(target) not in _DIGESTS:
+        _DIGESTS[str(target)] = {
+            path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(target.iterdir())
+            if path.is_file() and not path.name.startswith(".")
+        }
+    return dict(_DIGESTS[str(target)])
 
 
 def build_wheelhouse(version: str, machine: str, cache: str) -> Path:
