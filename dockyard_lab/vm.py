@@ -33,9 +33,21 @@ class VmError(RuntimeError):
 
 
 # Runs at every boot, before the network and sshd: copies this VM's own files (ssh host key,
-# authorised key, address, hostname) from its read-only seed disk (the second virtio disk).
+# authorised key, address, hostname) from its read-only seed disk (the second virtio disk). It
+# waits for the disk itself, bounded: a dependency on dev-vdb.device would fail after systemd's
+# 90 s device timeout, which an emulated VM on a loaded machine reached (the VM then came up
+# with no address and no host key).
 _SEED_SCRIPT = """#!/bin/sh
 set -e
+waited=0
+until [ -b /dev/vdb ]; do
+    if [ "$waited" -ge 900 ]; then
+        echo "dockyard-vm-seed: no seed disk /dev/vdb after 900 s" >&2
+        exit 1
+    fi
+    sleep 1
+    waited=$((waited + 1))
+done
 mkdir -p /run/dockyard-seed
 mount -o ro /dev/vdb /run/dockyard-seed
 cp -a /run/dockyard-seed/files/. /
@@ -46,8 +58,7 @@ hostname -F /etc/hostname
 _SEED_UNIT = """[Unit]
 Description=dockyard lab VM: this VM's ssh host key, address and hostname from its seed disk
 DefaultDependencies=no
-Requires=dev-vdb.device
-After=dev-vdb.device local-fs.target
+After=local-fs.target systemd-udevd.service
 Wants=network-pre.target
 Before=network-pre.target networking.service ssh.service
 
@@ -55,6 +66,7 @@ Before=network-pre.target networking.service ssh.service
 Type=oneshot
 ExecStart=/usr/local/sbin/dockyard-vm-seed
 RemainAfterExit=yes
+TimeoutStartSec=960
 
 [Install]
 WantedBy=sysinit.target
