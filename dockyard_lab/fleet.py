@@ -11,8 +11,10 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 from dockyard_lab import defaults, vm
 from dockyard_lab.docker import DockerError, docker, docker_ok
@@ -211,6 +213,24 @@ def _authorise(name: str, pubkey: str) -> str:
     return docker("exec", name, "cat", "/etc/ssh/ssh_host_ed25519_key.pub").strip()
 
 
+def _ensure_images(
+    releases: list[str], with_vm: bool, log: Log
+) -> tuple[dict[str, str], Optional[vm.VmImage]]:
+    """The container image of each release and, `with_vm`, the VM image: built side by side
+    when not cached (each debootstrap spends much of its time downloading, so a fresh machine
+    waits for the longest build, not for their sum). Every build runs to its end; the first
+    error is raised then."""
+    for release in releases:
+        log(f"--> Lab image for {release}")
+    if with_vm:
+        log(f"--> Lab VM image ({defaults.VM_SUITE})")
+    with ThreadPoolExecutor(max_workers=len(releases) + 1) as pool:
+        futures = {release: pool.submit(ensure_image, release, log=log) for release in releases}
+        vm_future = pool.submit(vm.ensure_vm_image, log) if with_vm else None
+    images = {release: future.result() for release, future in futures.items()}
+    return images, vm_future.result() if vm_future else None
+
+
 def up(
     hosts: int = len(defaults.LAB_RELEASES),
     releases: Sequence[str] = defaults.LAB_RELEASES,
@@ -231,14 +251,9 @@ def up(
         docker(
             "network", "create", "--label", f"{defaults.LAB_LABEL}={defaults.LAB_NAME}", _network()
         )
-    images = {}
-    for release in dict.fromkeys(r for _, r, _ in wanted):
-        log(f"--> Lab image for {release}")
-        images[release] = ensure_image(release, log=log)
-    vm_image = None
-    if wanted_vms:
-        log(f"--> Lab VM image ({defaults.VM_SUITE})")
-        vm_image = vm.ensure_vm_image(log)
+    images, vm_image = _ensure_images(
+        list(dict.fromkeys(r for _, r, _ in wanted)), bool(wanted_vms), log
+    )
     deadline = time.monotonic() + defaults.LAB_BOOT_TIMEOUT
     for name, release, groups in wanted:
         running = docker_ok("container", "inspect", name)

@@ -233,6 +233,22 @@ def test_customise_vm_root(tmp_path: Path) -> None:
     assert (root / "etc/machine-id").read_text() == ""
 
 
+def test_vm_seed_waits_for_its_disk_without_systemds_device_timeout(tmp_path: Path) -> None:
+    """On a loaded machine udev announced /dev/vdb after systemd's 90 s device timeout: a unit
+    requiring dev-vdb.device then failed, and the VM came up with no address and no host key.
+    The seed unit has no device dependency; its script waits for the block device itself,
+    bounded, and the unit's start timeout outlasts that bound."""
+    vm.customise_vm_root(tmp_path)
+    unit = (tmp_path / "etc/systemd/system/dockyard-vm-seed.service").read_text()
+    assert "dev-vdb.device" not in unit
+    timeout = int(unit.split("TimeoutStartSec=", 1)[1].split()[0])
+    script = (tmp_path / "usr/local/sbin/dockyard-vm-seed").read_text()
+    wait = script.index("until [ -b /dev/vdb ]")
+    assert wait < script.index("mount -o ro /dev/vdb")
+    bound = int(script.split('"$waited" -ge ', 1)[1].split("]")[0])
+    assert 300 <= bound < timeout
+
+
 def _vm_record(name: str, address: str) -> vm.VmRecord:
     return vm.VmRecord(
         name, address, vm.tap_name(name), vm.mac_address(name), "bookworm-0", "ssh-ed25519 AAAA"
@@ -377,3 +393,38 @@ def test_cli_vms_must_not_be_negative(capsys: pytest.CaptureFixture[str]) -> Non
 def test_cli_up_defaults_to_no_vms() -> None:
     assert cli.build_parser().parse_args(["up"]).vms == 0
     assert cli.build_parser().parse_args(["up", "--vms", "2"]).vms == 2
+
+
+def test_images_are_built_side_by_side_and_every_build_finishes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fresh machine builds three container images and the VM image: side by side (each
+    fake build below waits for all four to have started), and one failing build neither stops
+    the others nor hides its error."""
+    import threading
+
+    started = threading.Barrier(4, timeout=10)
+    finished: list[str] = []
+
+    def build(release: str, log: object = None) -> str:
+        started.wait()
+        if release == "trixie":
+            raise fleet.DockerError("debootstrap trixie failed (exit 1)")
+        finished.append(release)
+        return f"image-{release}"
+
+    def build_vm(log: object = None) -> str:
+        started.wait()
+        finished.append("vm")
+        return "vm-image"
+
+    monkeypatch.setattr(fleet, "ensure_image", build)
+    monkeypatch.setattr(fleet.vm, "ensure_vm_image", build_vm)
+    with pytest.raises(fleet.DockerError, match="debootstrap trixie failed"):
+        fleet._ensure_images(["bullseye", "bookworm", "trixie"], True, log=lambda _: None)
+    assert sorted(finished) == ["bookworm", "bullseye", "vm"]
+
+    started.reset()
+    monkeypatch.setattr(fleet, "ensure_image", lambda release, log=None: f"image-{release}")
+    images, vm_image = fleet._ensure_images(["bookworm"], False, log=lambda _: None)
+    assert images == {"bookworm": "image-bookworm"} and vm_image is None
