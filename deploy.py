@@ -21,6 +21,7 @@ from dockyard_deploys.dockyard_core import install_dockyard_core
 from dockyard_deploys.nfs_client import configure_nfs_client
 from dockyard_deploys.nfs_server import configure_nfs_server
 from dockyard_deploys.operations import ordering_point
+from dockyard_deploys.receiver import configure_receiver, pull_release_images
 from dockyard_deploys.registry import configure_registry
 from dockyard_deploys.registry_pki import install_registry_certificate
 from dockyard_deploys.registry_trust import configure_registry_trust
@@ -31,9 +32,14 @@ if "docker_hosts" in host.groups:
     configure_docker_storage()
     configure_registry_trust()
     configure_docker_daemon()
+    # The release images (by digest; a staging rollout sets them), through the trust above.
+    pull_release_images()
 
 # The bundled core (layer store, registry) on every host.
 core = install_dockyard_core()
+if "receiver" in host.groups:
+    # The registry's event receiver (push to staging), restarted when the core changes.
+    configure_receiver(restart_on=[core])
 
 # Tier 2 — persistent volumes.
 if "storage" in host.groups:

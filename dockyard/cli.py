@@ -1,5 +1,5 @@
-"""The `dockyard` command line that hosts get: `dockyard registry`, `image`, `container` and
-`store` (the lab is apart, on the control machine: `dockyard-lab`)."""
+"""The `dockyard` command line that hosts get: `dockyard registry`, `receive`, `image`, `container`
+and `store` (the lab is apart, on the control machine: `dockyard-lab`)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds an unreferenced blob or untagged manifest is kept after it was written"
         " (default: 3600)",
+    )
+    receive = sub.add_parser(
+        "receive",
+        help="receive the registry's events over TLS and run a command (a rollout) for pushes",
+    )
+    receive.add_argument("--config", required=True, help="the receiver's config (JSON or YAML)")
+    receive.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the config, the token file and the TLS files, then exit",
     )
     _layer_commands(sub)
     return parser
@@ -384,6 +394,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.command == "registry":
             return _registry(args)
+        if args.command == "receive":
+            from dockyard import receiver
+
+            try:
+                return receiver.main(args.config, check=args.check)
+            except receiver.ReceiverConfigError as exc:
+                print(f"dockyard receive: error: {exc}", file=sys.stderr)
+                return 2
         if args.command == "image":
             return _image(args)
         if args.command == "container":

@@ -1,10 +1,10 @@
 """Every custom pyinfra operation of dockyard, where none of pyinfra's own fit: daemon.json written
 safely (validate, reload or restart, verify, roll back), the data root's backing store, fstab
 lines, NFS mounts, the registry's guard, container and service, files of the control machine's
-PKI, Docker named volumes with drift detection, and failing one host with a clear reason. Each
-reads facts when it runs, calls `host.noop` when nothing changes, shows content diffs with
-`--diff`, and changes nothing on the control machine unless operations execute (never in
-`--dry`). Each has JSON specs in tests/operations/specs."""
+PKI, Docker named volumes with drift detection, release images pulled by digest, and failing one
+host with a clear reason. Each reads facts when it runs, calls `host.noop` when nothing changes,
+shows content diffs with `--diff`, and changes nothing on the control machine unless operations
+execute (never in `--dry`). Each has JSON specs in tests/operations/specs."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pyinfra import host, logger, state
 from pyinfra.api import (
     FileUploadCommand,
     FunctionCommand,
+    HiddenValue,
     OperationValueError,
     StringCommand,
     operation,
@@ -661,6 +662,75 @@ def pki_file(
             yield FileUploadCommand(str(source), dest)
             return
     yield from files.put._inner(src=str(source), dest=dest, user=user, group=group, mode=mode)
+
+
+# A release image: REGISTRY[:PORT]/REPOSITORY@sha256:<hex> (the registry part is a host: it has
+# a dot or a port, or is localhost, as docker reads references).
+_RELEASE_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+RELEASE_IMAGE = re.compile(
+    r"^(?P<registry>(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+|localhost|[A-Za-z0-9-]+(?=:)|"
+    r"\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?)"
+    rf"/{_RELEASE_COMPONENT}(?:/{_RELEASE_COMPONENT})*@sha256:[0-9a-f]{{64}}$"
+)
+
+
+def release_pull_command(
+    image: str, user: Optional[str] = None, password: Optional[str] = None
+) -> StringCommand:
+    """`docker pull IMAGE`, logged in first (when `user` is given) with a throwaway
+    DOCKER_CONFIG: no credentials stay on the host, the password is masked in pyinfra's
+    output and reaches docker on stdin through `printf` (a shell builtin: no process shows it)."""
+    match = RELEASE_IMAGE.match(image)
+    if not match:
+        raise OperationValueError(
+            f"{image!r} is not a release image; valid: REGISTRY[:PORT]/REPOSITORY@sha256:<hex>"
+        )
+    registry, ref = match.group("registry"), shlex.quote(image)
+    bits: list[Any] = [
+        'd=$(mktemp -d) || exit 1; trap \'rm -rf "$d"\' EXIT; export DOCKER_CONFIG="$d"\n'
+    ]
+    if user:
+        bits += [
+            "printf '%s'",
+            HiddenValue(shlex.quote(password or "")),
+            f"| docker login --username {shlex.quote(user)} --password-stdin "
+            f'{shlex.quote(registry)} >/dev/null 2>"$d/err" || '
+            + "{ echo "
+            + shlex.quote(f"dockyard: docker login {registry} as {user} failed:")
+            + ' "$(tail -n 2 "$d/err")" >&2; exit 1; }\n',
+        ]
+    bits.append(
+        f'docker pull -q {ref} >/dev/null 2>"$d/err" || '
+        + "{ echo "
+        + shlex.quote(f"dockyard: docker pull {image} failed:")
+        + ' "$(tail -n 2 "$d/err")" >&2; exit 1; }'
+    )
+    return StringCommand(*bits)
+
+
+@operation()
+def docker_release_image(image: str, user: Optional[str] = None, password: Optional[str] = None):
+    """
+    Pull a release image by digest unless the engine has it already (``docker image inspect``
+    of the digest reference), logged in as ``user`` with a throwaway ``DOCKER_CONFIG``.
+
+    + image: ``REGISTRY[:PORT]/REPOSITORY@sha256:<hex>`` (a digest: what is pulled never moves)
+    + user: registry user to log in as first (None: no login)
+    + password: its password (masked in pyinfra's output)
+
+    .. code:: python
+
+        docker_release_image(
+            name="Pull the release image",
+            image="registry-01:5443/team/app@sha256:3f2a…",
+            user="fleet", password="…",
+        )
+    """
+    command = release_pull_command(image, user, password)
+    if host.get_fact(DockerImagePresent, image=image):
+        host.noop(f"the engine has {image}")
+        return
+    yield command
 
 
 @operation()

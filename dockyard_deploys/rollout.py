@@ -3,8 +3,11 @@ and wave by wave (rollout_plan), each wave one real `pyinfra -y --json INVENTORY
 run whose progress goes to the terminal, then the health gates (rollout_gates) over the same
 inventory; it stops when a wave has more failed hosts than `--max-fail` allows, saying which
 hosts failed which gate and which were left untouched, and keeps its state so `--resume`
-continues from that wave. Every pyinfra run goes through one seam, `run_pyinfra`, which tests
-replace."""
+continues from that wave. `--group NAME` rolls out only the inventory hosts in that group (tiers
+and waves as usual among them, the gates only on them) and `--data KEY=VALUE` is handed to every
+pyinfra run (the receiver's staging rollout: `--group staging --data
+docker_release_images='["REGISTRY/REPO@sha256:…"]'`). Every pyinfra run goes through one seam,
+`run_pyinfra`, which tests replace."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -47,6 +51,11 @@ DEPLOY = "deploy"
 NO_GATES = "gates"
 # The fact that gives a host's release when no data key does.
 RELEASE_FACT = "server.LinuxDistribution"
+# --data KEY=VALUE: a host data key (pyinfra parses VALUE: true/false, a number, JSON, or text).
+_DATA_ITEM = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
+DATA_VALID = (
+    "KEY=VALUE with KEY a data key (letters, digits, _), VALUE as pyinfra's --data takes it"
+)
 
 
 @dataclass
@@ -96,12 +105,33 @@ def parse_json_output(stdout: str) -> Optional[dict[str, Any]]:
 # --- the inventory ------------------------------------------------------------------------------
 
 
-def load_fleet(inventory: str, runner: Runner) -> tuple[list[FleetHost], dict[str, Optional[str]]]:
+def parse_data(items: Sequence[str]) -> tuple[str, ...]:
+    """--data items, checked: each KEY=VALUE (a RolloutError names a bad one)."""
+    for item in items:
+        if not _DATA_ITEM.match(item):
+            raise RolloutError(f"--data {item!r} is not valid; valid: {DATA_VALID}")
+    return tuple(items)
+
+
+def _data_args(data: Sequence[str]) -> list[str]:
+    args: list[str] = []
+    for item in data:
+        args += ["--data", item]
+    return args
+
+
+def load_fleet(
+    inventory: str,
+    runner: Runner,
+    group: Optional[str] = None,
+    data: Sequence[str] = (),
+) -> tuple[list[FleetHost], dict[str, Optional[str]]]:
     """The inventory's hosts (in inventory order, with their groups) as pyinfra itself loads
     them — `pyinfra --json INVENTORY debug-inventory`, group_data and all, in its own process
     (pyinfra's CLI patches the process with gevent) — and each host's release from its data:
-    `rollout_release`, else the lab's `lab_release` (None when neither is set)."""
-    run = runner(["--json", inventory, "debug-inventory"])
+    `rollout_release`, else the lab's `lab_release` (None when neither is set). With `group`,
+    only the hosts in that group (a RolloutError when it has none)."""
+    run = runner([*_data_args(data), "--json", inventory, "debug-inventory"])
     listed = (run.output or {}).get("hosts") if isinstance(run.output, dict) else None
     if run.returncode != 0 or not isinstance(listed, list):
         raise RolloutError(
@@ -111,16 +141,26 @@ def load_fleet(inventory: str, runner: Runner) -> tuple[list[FleetHost], dict[st
     hosts: list[FleetHost] = []
     releases: dict[str, Optional[str]] = {}
     for item in listed:
-        name, data = str(item["name"]), dict(item.get("data") or {})
+        name, host_data = str(item["name"]), dict(item.get("data") or {})
         try:
-            release = RolloutSettings.from_data(data).release
+            release = RolloutSettings.from_data(host_data).release
         except SettingsError as exc:
             raise RolloutError(f"{name}: {exc}") from exc
-        lab = data.get("lab_release")
+        lab = host_data.get("lab_release")
         releases[name] = release or (str(lab) if lab else None)
         hosts.append(FleetHost(name, tuple(str(g) for g in item.get("groups") or ())))
     if not hosts:
         raise RolloutError(f"the inventory {inventory} has no hosts")
+    if group is not None:
+        members = [h for h in hosts if group in h.groups]
+        if not members:
+            groups = sorted({g for h in hosts for g in h.groups})
+            raise RolloutError(
+                f"--group {group}: the inventory {inventory} has no host in that group; its "
+                f"groups: {', '.join(groups) or 'none'}"
+            )
+        hosts = members
+        releases = {h.name: releases[h.name] for h in members}
     return hosts, releases
 
 
@@ -171,8 +211,18 @@ def _limit(hosts: Sequence[str]) -> list[str]:
     return args
 
 
-def deploy_args(inventory: str, deploy: str, hosts: Sequence[str], dry: bool) -> list[str]:
-    return ["-y", "--json", *(["--dry"] if dry else []), *_limit(hosts), inventory, deploy]
+def deploy_args(
+    inventory: str, deploy: str, hosts: Sequence[str], dry: bool, data: Sequence[str] = ()
+) -> list[str]:
+    return [
+        "-y",
+        "--json",
+        *(["--dry"] if dry else []),
+        *_data_args(data),
+        *_limit(hosts),
+        inventory,
+        deploy,
+    ]
 
 
 def gates_args(
@@ -181,13 +231,22 @@ def gates_args(
     gate_hosts: Sequence[str],
     pull_hosts: Sequence[str],
     push_canary: bool,
+    data: Sequence[str] = (),
 ) -> list[str]:
     kwargs = {
         "gate_hosts": list(gate_hosts),
         "pull_hosts": list(pull_hosts),
         "push_canary": push_canary,
     }
-    return ["-y", "--json", *_limit(limit), inventory, GATES_FUNCTION, json.dumps([[], kwargs])]
+    return [
+        "-y",
+        "--json",
+        *_data_args(data),
+        *_limit(limit),
+        inventory,
+        GATES_FUNCTION,
+        json.dumps([[], kwargs]),
+    ]
 
 
 def deploy_failures(run: PyinfraRun, hosts: Sequence[str]) -> list[str]:
@@ -269,16 +328,20 @@ class WaveResult:
 # --- state --------------------------------------------------------------------------------------
 
 
-def state_path(inventory: str, deploy: str, cwd: Optional[Path] = None) -> Path:
+def state_path(
+    inventory: str, deploy: str, cwd: Optional[Path] = None, group: Optional[str] = None
+) -> Path:
     """`.dockyard/rollout-<hash>.json` in the working directory, one per inventory and deploy
-    (paths made absolute; an inventory that is no file — `@local`, `a,b` — as given)."""
+    (paths made absolute; an inventory that is no file — `@local`, `a,b` — as given), and per
+    `--group` (a staging rollout never resumes the whole fleet's, nor the other way round)."""
     base = Path.cwd() if cwd is None else cwd
 
     def key(value: str) -> str:
         path = base / value
         return str(path.resolve()) if path.exists() else value
 
-    digest = hashlib.sha256(f"{key(inventory)}\0{key(deploy)}".encode()).hexdigest()[:16]
+    text = f"{key(inventory)}\0{key(deploy)}" + (f"\0group={group}" if group else "")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return base / STATE_DIR / f"rollout-{digest}.json"
 
 
@@ -294,12 +357,17 @@ class RolloutState:
     completed: list[str] = field(default_factory=list)
     failed: Optional[str] = None
     results: list[WaveResult] = field(default_factory=list)
+    # --group and --data of the rollout (a resumed one runs with the same).
+    group: Optional[str] = None
+    data: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT,
             "inventory": self.inventory,
             "deploy": self.deploy,
+            "group": self.group,
+            "data": list(self.data),
             "waves": self.waves,
             "releases": self.releases,
             "plan": [wave.to_json() for wave in self.plan],
@@ -322,6 +390,8 @@ class RolloutState:
             completed=[str(n) for n in item["completed"]],
             failed=None if item.get("failed") is None else str(item["failed"]),
             results=[WaveResult.from_json(r) for r in item.get("results") or []],
+            group=None if item.get("group") is None else str(item["group"]),
+            data=[str(d) for d in item.get("data") or []],
         )
 
     def save(self, path: Path) -> None:
@@ -359,6 +429,8 @@ class Options:
     resume: bool = False
     dry: bool = False
     json: bool = False
+    group: Optional[str] = None
+    data: tuple[str, ...] = ()
 
 
 @dataclass
@@ -392,7 +464,9 @@ class Rollout:
         self.runner = runner
         self.out = out
         self.budget: Budget = parse_max_fail(options.max_fail)
-        self.path = state_path(options.inventory, options.deploy)
+        self.path = state_path(options.inventory, options.deploy, group=options.group)
+        # --data of this run (a resumed rollout's own when none is given).
+        self.data: tuple[str, ...] = tuple(options.data)
         # The inventory's hosts in order, and their groups (set by prepare).
         self.order: list[str] = []
         self.groups: dict[str, tuple[str, ...]] = {}
@@ -418,9 +492,16 @@ class Rollout:
                     f"--waves {previous.waves}; resume with the same waves or start over "
                     "without --resume"
                 )
+            if opts.data and list(opts.data) != previous.data:
+                raise RolloutError(
+                    f"cannot resume: --data {' '.join(opts.data)} differs from the stopped "
+                    f"rollout's ({' '.join(previous.data) or 'none'}); resume without --data "
+                    "(its own is used) or start over without --resume"
+                )
+            self.data = tuple(previous.data)
         waves_text = previous.waves if previous else (opts.waves or DEFAULT_WAVES)
         sizes: tuple[WaveSize, ...] = parse_waves(waves_text)
-        hosts, known = load_fleet(opts.inventory, self.runner)
+        hosts, known = load_fleet(opts.inventory, self.runner, opts.group, self.data)
         self.order = [h.name for h in hosts]
         self.groups = {h.name: h.groups for h in hosts}
         if previous:
@@ -434,7 +515,18 @@ class Rollout:
                 self.say(
                     f"--> Starting over: the stopped rollout's state in {self.path} is replaced"
                 )
-            return RolloutState(opts.inventory, opts.deploy, waves_text, releases, plan), 0
+            return (
+                RolloutState(
+                    opts.inventory,
+                    opts.deploy,
+                    waves_text,
+                    releases,
+                    plan,
+                    group=opts.group,
+                    data=list(self.data),
+                ),
+                0,
+            )
         difference = plan_difference(previous.plan, plan)
         if difference:
             raise RolloutError(
@@ -461,7 +553,8 @@ class Rollout:
         failures: dict[str, list[str]] = {
             name: [DEPLOY]
             for name in deploy_failures(
-                self.runner(deploy_args(opts.inventory, opts.deploy, hosts, opts.dry)), hosts
+                self.runner(deploy_args(opts.inventory, opts.deploy, hosts, opts.dry, self.data)),
+                hosts,
             )
         }
         gate_hosts, pull_hosts, push, limit = self.gate_targets(state, index)
@@ -470,7 +563,8 @@ class Rollout:
             + (" (read-only: no canary push or pull)" if opts.dry else "")
         )
         failed_gates, passed_gates = gate_outcomes(
-            self.runner(gates_args(opts.inventory, limit, gate_hosts, pull_hosts, push)), limit
+            self.runner(gates_args(opts.inventory, limit, gate_hosts, pull_hosts, push, self.data)),
+            limit,
         )
         for name, gates in failed_gates.items():
             failures.setdefault(name, []).extend(g for g in gates if g not in failures[name])
@@ -513,10 +607,16 @@ class Rollout:
         """(hosts gated, hosts that pull, whether to push the canary, the run's --limit) for
         wave `index`: pulls need the registry deployed — its wave, or an earlier one — and the
         registry wave also pulls on the Docker hosts of earlier waves, which could not; the
-        canary is pushed (idempotently) from the registry host before every wave's pulls."""
+        canary is pushed (idempotently) from the registry host before every wave's pulls. A
+        `--group` rollout without the registry host gates its own hosts alone: no canary push,
+        no pull of it (the release gate checks the images it pulls)."""
         plan = state.plan
         wave = plan[index]
         registry_host = self.registry_host()
+        if self.options.group is not None and registry_host not in {
+            h for w in plan for h in w.hosts
+        }:
+            return list(wave.hosts), [], False, [h for h in self.order if h in wave.hosts]
         ready_at = next((i for i, w in enumerate(plan) if registry_host in w.hosts), None)
         docker = set(self.docker_hosts())
         pull_hosts: list[str] = []
@@ -605,7 +705,9 @@ class Rollout:
         if outcome.state is not None:
             self.say(
                 f"    state: {outcome.state}; `dockyard rollout {self.options.inventory} "
-                f"{self.options.deploy} --resume` continues from wave {outcome.stopped_at}"
+                f"{self.options.deploy}"
+                + (f" --group {self.options.group}" if self.options.group else "")
+                + f" --resume` continues from wave {outcome.stopped_at}"
             )
 
 
@@ -634,6 +736,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--group",
+        default=None,
+        metavar="NAME",
+        help="roll out only the inventory hosts in group NAME (tiers and waves among them; the "
+        "gates only on them)",
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="host data for every pyinfra run, as pyinfra's --data (repeatable)",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="continue the stopped rollout from its failed wave"
     )
     parser.add_argument(
@@ -651,11 +767,19 @@ def main(argv: Optional[Sequence[str]] = None, runner: Runner = run_pyinfra) -> 
     """`dockyard rollout …`: 0 when every wave passed, 1 when the rollout stopped, 2 for bad
     arguments (argparse's own exit for unknown options)."""
     args = build_parser().parse_args(argv)
-    options = Options(
-        args.inventory, args.deploy, args.waves, args.max_fail, args.resume, args.dry, args.json
-    )
-    out = sys.stderr if options.json else sys.stdout
+    out = sys.stderr if args.json else sys.stdout
     try:
+        options = Options(
+            args.inventory,
+            args.deploy,
+            args.waves,
+            args.max_fail,
+            args.resume,
+            args.dry,
+            args.json,
+            args.group,
+            parse_data(args.data),
+        )
         if options.waves is not None:
             parse_waves(options.waves)
         rollout = Rollout(options, runner, out)

@@ -20,6 +20,8 @@ operation, which hosts failed it (the reason is on stderr, prefixed `dockyard ga
   throwaway DOCKER_CONFIG keeps no credentials and an image that was not there before is removed.
 - `mounts` (hosts with `nfs_client_mounts`): every mount point is a mounted nfs/nfs4
   filesystem where the kernel has an NFS client, else its fstab line is present.
+- `release` (Docker hosts with `docker_release_images`, which a staging rollout sets with
+  `--data`): the engine has every listed image by its digest (`RepoDigests`).
 
 The canary image is tiny, built and pushed by the core's Python on the registry host with the
 standard library alone (one gzip layer holding one file, fixed timestamps: the same digests every
@@ -38,9 +40,10 @@ from pyinfra.operations import server
 
 from dockyard_deploys import registry_trust, settings
 from dockyard_deploys.facts import JsonFile
+from dockyard_deploys.receiver import release
 from dockyard_deploys.settings import NfsMount
 
-GATES: tuple[str, ...] = ("engine", "registry", "pull", "mounts")
+GATES: tuple[str, ...] = ("engine", "registry", "pull", "mounts", "release")
 # Every gate operation's name starts with this, then the gate and a colon.
 OP_PREFIX = "dockyard gate"
 # The canary image the pull gate pulls (pushed to the fleet registry by the rollout).
@@ -128,6 +131,25 @@ def mounts_command(
         "[ $bad = 0 ] || exit 1",
         'if [ $client = yes ]; then echo "NFS mounts mounted"; '
         'else echo "NFS mounts in /etc/fstab (no NFS client in the kernel)"; fi',
+    ]
+    return "\n".join(lines)
+
+
+def release_command(images: Sequence[str]) -> str:
+    """The release gate: the engine has each image by its digest (in its RepoDigests)."""
+    lines = ["bad=0"]
+    digests = shlex.quote("{{range .RepoDigests}}{{println .}}{{end}}")
+    for image in images:
+        ref = shlex.quote(image)
+        lines.append(
+            f"docker image inspect --format {digests} {ref} 2>/dev/null | grep -Fxq {ref} || "
+            + "{ echo "
+            + shlex.quote(f"{OP_PREFIX} release: {image} is not on this host")
+            + " >&2; bad=1; }"
+        )
+    lines += [
+        "[ $bad = 0 ] || exit 1",
+        f"echo {shlex.quote('release images present: ' + ', '.join(images))}",
     ]
     return "\n".join(lines)
 
@@ -399,6 +421,13 @@ def check_rollout_gates(
         server.shell(
             name=op_name("engine", "the engine is active with its storage driver and data root"),
             commands=[engine_command(driver, settings.storage().data_root)],
+            _ignore_errors=True,
+        )
+    images = release().images
+    if gated and images and "docker_hosts" in host.groups:
+        server.shell(
+            name=op_name("release", "the release images are on the host by their digest"),
+            commands=[release_command(images)],
             _ignore_errors=True,
         )
     mounts = settings.nfs_client().mounts

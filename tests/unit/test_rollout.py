@@ -272,6 +272,8 @@ class FakeFleet:
             kwargs = json.loads(args[-1])[1]
             ops = []
             for gate in rollout_gates.GATES:
+                if gate == "release" and "--data" not in args:
+                    continue  # the release gate runs where docker_release_images is set
                 targets = kwargs["pull_hosts"] if gate == "pull" else kwargs["gate_hosts"]
                 targets = [h for h in targets if gate != "registry" or h == "reg"]
                 bad = [h for h in targets if gate in self.gate_fail.get(h, [])]
@@ -689,3 +691,131 @@ def test_the_core_cli_says_rollouts_run_on_the_control_machine(
     assert err.count("\n") == 1
     assert "rollouts run on the control machine" in err
     assert "pip install 'dockyard[deploy]'" in err
+
+
+# --- --group and --data (the receiver's staging rollout) ----------------------------------------
+
+RELEASE = "reg:5443/dockyard/release@sha256:" + "a" * 64
+STAGING_DATA = f'docker_release_images=["{RELEASE}"]'
+
+
+def _staging_fleet() -> FakeFleet:
+    """The fake fleet with a `staging` group of d2 (bookworm) and d4 (trixie)."""
+    fleet = FakeFleet()
+    for item in fleet.inventory:
+        if item["name"] in ("d2", "d4"):
+            item["groups"] = [*item["groups"], "staging"]
+    return fleet
+
+
+def test_group_rolls_out_only_its_hosts_and_gates_only_them(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = _staging_fleet()
+    code, result = _run(fleet, "--group", "staging", "--data", STAGING_DATA, capsys=capsys)
+    assert code == 0, result
+    # tiers and waves as usual among the group's hosts: one canary per release, here both
+    assert [(w["name"], w["hosts"]) for w in result["waves"]] == [("docker-1", ["d2", "d4"])]
+    assert fleet.deploy_calls() == [["d2", "d4"]]
+    # the gates run on the group alone: no canary push from the registry host, no canary pull
+    assert fleet.gate_calls() == [
+        {"gate_hosts": ["d2", "d4"], "pull_hosts": [], "push_canary": False, "limit": ["d2", "d4"]}
+    ]
+    # --data goes to every pyinfra run: the inventory, the deploy and the gates
+    with_data = [c for c in fleet.calls if "--data" in c]
+    assert len(with_data) == len(fleet.calls) == 3
+    for call in fleet.calls:
+        assert call[call.index("--data") + 1] == STAGING_DATA
+    assert result["waves"][0]["checks"]["d2"] == ["engine", "mounts", "release"]
+
+
+def test_group_with_the_release_gate_failing_stops_the_rollout(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = _staging_fleet()
+    fleet.gate_fail = {"d4": ["release"]}
+    code, result = _run(fleet, "--group", "staging", "--data", STAGING_DATA, capsys=capsys)
+    assert code == 1 and result["waves"][0]["failures"] == {"d4": ["release"]}
+    state = json.loads(Path(result["state"]).read_text())
+    assert state["group"] == "staging" and state["data"] == [STAGING_DATA]
+    # its state is apart from the whole fleet's rollout of the same inventory and deploy
+    assert Path(result["state"]) != rollout.state_path("inventory.py", "deploy.py")
+    assert Path(result["state"]) == rollout.state_path("inventory.py", "deploy.py", group="staging")
+    # --resume runs with the stopped rollout's --data, and refuses other data
+    fleet.gate_fail = {}
+    fleet.calls.clear()
+    code, result = _run(fleet, "--group", "staging", "--resume", capsys=capsys)
+    assert code == 0 and all(c[c.index("--data") + 1] == STAGING_DATA for c in fleet.calls)
+    fleet.gate_fail = {"d4": ["release"]}
+    assert _run(fleet, "--group", "staging", "--data", STAGING_DATA, capsys=capsys)[0] == 1
+    assert (
+        rollout.main(
+            ["inventory.py", "deploy.py", "--group", "staging", "--resume", "--data", "x=1"],
+            runner=fleet,
+        )
+        == 2
+    )
+    assert "differs from the stopped rollout's" in capsys.readouterr().err
+
+
+def test_a_group_with_the_registry_keeps_the_canary_gates(project: Path) -> None:
+    fleet = FakeFleet()
+    for item in fleet.inventory:
+        if item["name"] in ("reg", "d1"):
+            item["groups"] = [*item["groups"], "canaries"]
+    assert rollout.main(["inventory.py", "deploy.py", "--group", "canaries"], runner=fleet) == 0
+    assert fleet.deploy_calls() == [["reg"], ["d1"]]
+    gates = fleet.gate_calls()
+    assert gates[0]["push_canary"] is True and gates[1]["pull_hosts"] == ["d1"]
+
+
+def test_an_unknown_group_and_bad_data_are_refused(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = FakeFleet()
+    assert rollout.main(["inventory.py", "deploy.py", "--group", "staging"], runner=fleet) == 2
+    err = capsys.readouterr().err
+    assert "--group staging: the inventory inventory.py has no host in that group" in err
+    assert "its groups: docker_hosts, registry, storage" in err
+    assert rollout.main(["inventory.py", "deploy.py", "--data", "no-equals"], runner=fleet) == 2
+    assert "--data 'no-equals' is not valid; valid: KEY=VALUE" in capsys.readouterr().err
+    assert fleet.calls == [["--json", "inventory.py", "debug-inventory"]]
+
+
+def test_release_gate(tmp_path: Path) -> None:
+    other = "reg:5443/dockyard/release@sha256:" + "b" * 64
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    docker = bin_dir / "docker"
+    # a fake engine that has RELEASE only (RepoDigests printed one per line)
+    docker.write_text(
+        "#!/bin/sh\n"
+        f'for a; do last="$a"; done\n[ "$last" = "{RELEASE}" ] || exit 1\n'
+        f'echo "{RELEASE}"\necho "reg:5443/dockyard/release@sha256:{"c" * 64}"\n'
+    )
+    docker.chmod(0o755)
+    ok = _sh(rollout_gates.release_command([RELEASE]), bin_dir)
+    assert ok.returncode == 0 and "release images present" in ok.stdout, ok.stderr
+    missing = _sh(rollout_gates.release_command([RELEASE, other]), bin_dir)
+    assert missing.returncode == 1
+    assert f"dockyard gate release: {other} is not on this host" in missing.stderr
+    assert RELEASE not in missing.stderr
+    assert rollout_gates.gate_of("x | dockyard gate release: y") == "release"
+
+
+def test_release_images_are_references_by_digest() -> None:
+    from dockyard_deploys.receiver import ReleaseSettings
+    from dockyard_deploys.settings import SettingsError
+
+    assert ReleaseSettings.from_data({}).images == ()
+    assert ReleaseSettings.from_data({"docker_release_images": [RELEASE, RELEASE]}).images == (
+        RELEASE,
+    )
+    for bad in (["reg:5443/dockyard/release:staging"], ["dockyard/release@sha256:" + "a" * 64]):
+        with pytest.raises(SettingsError, match="docker_release_images=.* is not valid"):
+            ReleaseSettings.from_data({"docker_release_images": bad})
+
+
+def test_cli_help_names_group_and_data() -> None:
+    usage = _cli("rollout", "--help")
+    assert "--group NAME" in usage.stdout and "--data KEY=VALUE" in usage.stdout
