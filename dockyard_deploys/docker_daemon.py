@@ -126,10 +126,20 @@ def configure_docker_daemon() -> None:
         configure_docker_daemon()
     """
     daemon = settings.daemon()
+    # Every host at once: read the file and the engine, and stage the new file where something
+    # must change. pyinfra runs a _serial operation host by host even where it changes nothing,
+    # so without this step a run that changes nothing read every host's facts one after another.
+    staged = daemon_json(
+        name="Stage daemon.json where it or the engine needs a change",
+        path=daemon.config_path,
+        options=daemon.options,
+        stage_only=True,
+    )
     daemon_json(
         name="Write daemon.json, validate it, restart the engine on change and verify the driver",
         path=daemon.config_path,
         options=daemon.options,
         # One engine at a time: never every host's engine down at once.
         _serial=True,
+        _if=staged.did_change,
     )

@@ -259,7 +259,11 @@ def show_diff(path: str, current: Optional[list[str]], desired: str) -> None:
 
 
 @operation()
-def daemon_json(path: str = "/etc/docker/daemon.json", options: Optional[dict[str, Any]] = None):
+def daemon_json(
+    path: str = "/etc/docker/daemon.json",
+    options: Optional[dict[str, Any]] = None,
+    stage_only: bool = False,
+):
     """
     Merge every concern's keys and ``options`` into daemon.json, validate, restart the engine only
     on change (reload it when only ``RELOADABLE_KEYS`` change on a running engine, and verify the
@@ -269,6 +273,10 @@ def daemon_json(path: str = "/etc/docker/daemon.json", options: Optional[dict[st
     + path: the daemon configuration file
     + options: free-form keys (``docker_daemon_options``); a key a concern manages must agree
       with it, or the host fails naming both
+    + stage_only: only decide and upload the new file beside it (``PATH.dockyard-new``), no
+      validation or restart: the step that runs on every host at once before a ``_serial``
+      ``daemon_json`` gated on its ``did_change``, so hosts with nothing to do are not read
+      again one after another
     Keys set by hand in the file are kept. The contributors are ``docker_daemon.CONTRIBUTORS``,
     asked when the operation runs (after the engine is installed); when one refuses (the
     storage configuration), nothing is written and the host fails with the reason.
@@ -297,7 +305,7 @@ def daemon_json(path: str = "/etc/docker/daemon.json", options: Optional[dict[st
         host.noop(f"{path} is up to date and the engine runs {driver}")
         return
     content = render_json(merged)
-    if not (current["exists"] and merged == current["content"]):
+    if not stage_only and not (current["exists"] and merged == current["content"]):
         show_diff(
             path, host.get_fact(FileContents, path=path) if current["exists"] else None, content
         )
@@ -308,7 +316,8 @@ def daemon_json(path: str = "/etc/docker/daemon.json", options: Optional[dict[st
     )
     yield StringCommand(f"mkdir -p {shlex.quote(path.rsplit('/', 1)[0] or '/')}")
     yield FileUploadCommand(StringIO(content), staged)
-    yield StringCommand(apply_script(path, staged, driver, ENGINE_READY_TIMEOUT, check))
+    if not stage_only:
+        yield StringCommand(apply_script(path, staged, driver, ENGINE_READY_TIMEOUT, check))
 
 
 @operation()

@@ -267,13 +267,19 @@ def test_live_restore_is_on_by_default_and_a_data_key_turns_it_off(
 
 def test_the_engine_is_restarted_on_one_host_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon.json write/validate/restart/verify operation runs host by host (pyinfra's
-    `_serial`), so the fleet's engines never restart all at once; the other operations do not."""
+    `_serial`), so the fleet's engines never restart all at once; the other operations do not.
+    It runs only where the staging step before it (every host at once) changed something: a
+    run that changes nothing does not read the hosts one after another."""
     hosts = seed({}, {})
     hosts.append(FleetHost("docker-02.example.net", ["docker_hosts"], {}, dict(BASE)))
     fleet = run_deploy_py(hosts, monkeypatch)
     for name in ("docker-01.example.net", "docker-02.example.net"):
-        daemon = fleet.op(name, "Configure the Docker daemon")
+        stage = fleet.op(name, "Configure the Docker daemon | Stage daemon.json")
+        assert stage.execution_arguments["_serial"] is False, stage.execution_arguments
+        daemon = fleet.op(name, "Configure the Docker daemon | Write daemon.json")
         assert daemon.execution_arguments["_serial"] is True, daemon.execution_arguments
+        gate = fleet.state.get_op_data_for_host(fleet.hosts[name], daemon.op_hash)
+        assert gate.global_arguments["_if"] is not None
     others = [o for o in fleet.ops("docker-01.example.net") if o.name != daemon.name]
     assert others and not any(o.execution_arguments["_serial"] for o in others)
 
