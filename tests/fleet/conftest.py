@@ -16,6 +16,7 @@ import pytest
 import testinfra
 
 from dockyard_lab import defaults
+from dockyard_lab.molecule import ssh_control_path, ssh_options
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -54,9 +55,9 @@ class DeployRun:
         return [op["name"] for op in self.results.get("operations", []) if op["success"]]
 
 
-def run_deploy(*extra: str) -> DeployRun:
+def run_deploy(*extra: str, inventory: str | Path = "inventory/lab.py") -> DeployRun:
     proc = subprocess.run(
-        [str(BIN / "pyinfra"), "--json", "inventory/lab.py", "deploy.py", "-y", *extra],
+        [str(BIN / "pyinfra"), "--json", str(inventory), "deploy.py", "-y", *extra],
         cwd=ROOT,
         env=ENV,
         capture_output=True,
@@ -76,6 +77,49 @@ def _lab(*args: str) -> str:
     )
     assert proc.returncode == 0, f"dockyard-lab {' '.join(args)} failed:\n{proc.stderr}"
     return proc.stdout
+
+
+LAB_INVENTORY = '''
+"""Test inventory: the lab's own (inventory/lab.py) with per-host data and groups changed."""
+import json, runpy
+
+_OVERRIDES = json.loads({overrides!r})
+_JOIN = json.loads({join!r})
+_groups = {{
+    _key: _value
+    for _key, _value in runpy.run_path({lab!r}).items()
+    if not _key.startswith("_")
+    and isinstance(_value, list)
+    and all(isinstance(_m, tuple) and len(_m) == 2 for _m in _value)
+}}
+_data = {{_name: _values for _members in _groups.values() for _name, _values in _members}}
+for _name, _values in _data.items():
+    if _values["lab_kind"] == "container":
+        _values.update(_OVERRIDES.get("*containers", {{}}))
+    _values.update(_OVERRIDES.get(_name, {{}}))
+for _group, _names in _JOIN.items():
+    _groups.setdefault(_group, []).extend((_name, _data[_name]) for _name in _names)
+globals().update(_groups)
+'''
+
+
+def lab_inventory(
+    directory: Path,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    join: dict[str, list[str]] | None = None,
+) -> Path:
+    """An inventory of the running lab with `overrides` ({host or '*containers': data}) and
+    hosts joining more groups (`join`: {group: [host, ...]}); group_data comes from the working
+    directory (the checkout), as for inventory/lab.py."""
+    path = directory / "lab_inventory.py"
+    path.write_text(
+        LAB_INVENTORY.format(
+            lab=str(ROOT / "inventory" / "lab.py"),
+            overrides=json.dumps(overrides or {}),
+            join=json.dumps(join or {}),
+        )
+    )
+    return path
 
 
 # Developers may set DOCKYARD_REUSE_LAB=1 to skip re-creating the test lab, and
@@ -102,15 +146,17 @@ def first_deploy(lab: list[dict[str, Any]]) -> DeployRun:
 
 @pytest.fixture(scope="session")
 def hosts(lab: list[dict[str, Any]], first_deploy: DeployRun) -> dict[str, Any]:
-    """testinfra hosts by lab host name, after the first deploy."""
+    """testinfra hosts by lab host name, after the first deploy: ssh with the lab key, strict
+    host-key checking against the lab's known_hosts, and one multiplexed connection per host."""
     out = {}
     for item in lab:
         out[item["name"]] = testinfra.get_host(
             f"ssh://{item['ssh_user']}@{item['address']}",
             ssh_identity_file=item["ssh_key"],
-            ssh_extra_args=(
-                f"-o UserKnownHostsFile={item['ssh_known_hosts']} "
-                "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
+            ssh_extra_args=" ".join(ssh_options(item["ssh_known_hosts"])),
+            # One ssh connection per host, kept 60 s: a new one to an emulated VM costs seconds.
+            controlpath=ssh_control_path(
+                item["ssh_user"], item["address"], item["ssh_known_hosts"]
             ),
         )
     return out

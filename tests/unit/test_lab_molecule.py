@@ -47,6 +47,27 @@ def test_ssh_options_are_strict() -> None:
     assert not any("/dev/null" in o or "=no" in o for o in options)
 
 
+def test_ssh_control_paths_are_private_and_per_known_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multiplexed connection is reused only for the same user, address and known_hosts
+    file (a check with another known_hosts must make its own handshake), in a 0700 directory."""
+    monkeypatch.setattr(molecule.tempfile, "gettempdir", lambda: str(tmp_path))
+    one = molecule.ssh_control_path("root", "172.20.0.2", "/state/lab.known_hosts")
+    assert one == molecule.ssh_control_path("root", "172.20.0.2", "/state/lab.known_hosts")
+    others = {
+        molecule.ssh_control_path("root", "172.20.0.3", "/state/lab.known_hosts"),
+        molecule.ssh_control_path("root", "172.20.0.2", "/tmp/other.known_hosts"),
+        molecule.ssh_control_path("admin", "172.20.0.2", "/state/lab.known_hosts"),
+    }
+    assert one not in others and len(others) == 3
+    directory = Path(one).parent
+    assert directory.stat().st_mode & 0o777 == 0o700 and len(one) < 100
+    directory.chmod(0o755)
+    with pytest.raises(PermissionError, match="not a private directory"):
+        molecule.ssh_control_path("root", "172.20.0.2", "/state/lab.known_hosts")
+
+
 def test_instance_config_has_the_delegated_driver_keys() -> None:
     assert molecule.instance_config(HOSTS)[0] == {
         "instance": "lab-bookworm",

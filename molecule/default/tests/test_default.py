@@ -19,7 +19,7 @@ import testinfra
 
 from dockyard_lab import defaults
 from dockyard_lab.inventory import LAB_EXPORT, LAB_MOUNT, LAB_REGISTRY_USER, lab_groups
-from dockyard_lab.molecule import lab_hosts, ssh_options
+from dockyard_lab.molecule import lab_hosts, ssh_control_path, ssh_options
 
 REGISTRY_PORT = 5443
 STATE = defaults.lab_state_dir()
@@ -33,11 +33,12 @@ def lab() -> list[dict[str, Any]]:
 
 
 def _host(item: dict[str, Any], known_hosts: str | None = None) -> Any:
-    options = ssh_options(known_hosts or item["ssh_known_hosts"])
+    known = known_hosts or item["ssh_known_hosts"]
     return testinfra.get_host(
         f"ssh://{item['ssh_user']}@{item['address']}",
         ssh_identity_file=item["ssh_key"],
-        ssh_extra_args=" ".join(options),
+        ssh_extra_args=" ".join(ssh_options(known)),
+        controlpath=ssh_control_path(item["ssh_user"], item["address"], known),
     )
 
 
