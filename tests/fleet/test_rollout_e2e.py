@@ -1,14 +1,16 @@
-"""Lab end to end for `dockyard rollout`: a failure in the second wave (a storage driver the host
-cannot run) stops the rollout and leaves the later waves untouched (their daemon.json
-unchanged), and `--resume` after the fix finishes from that wave — the two runs together roll
-the whole lab out, every other wave passing every gate; a canary failure stops before any other
-Docker host changes.
+"""Lab end to end for `dockyard rollout`, one rollout stopped twice: a canary failure (a storage
+driver the host cannot run) stops before any other Docker host changes; `--resume` with the canary
+fixed fails in the second wave and leaves the later waves untouched (their daemon.json
+unchanged); `--resume` after that fix finishes from that wave. The runs together roll the whole
+lab out, tier by tier, every other wave passing every gate; the storage and registry tiers (the
+VMs) run once.
 
 The change rolled out is real (`live-restore` turned off in daemon.json, which the engines
 reload; the plain deploy turns it back on afterwards), and the failures are injected per host
-through an inventory of the test's own: the lab's groups and data (inventory/lab.py) with a few
-keys changed. All the lab's containers get the same `rollout_release`, so the default waves (a
-canary of one host per release, 25% of the rest, the rest) are three waves of one host each."""
+through an inventory of the test's own (conftest.lab_inventory): the lab's groups and data
+(inventory/lab.py) with a few keys changed. All the lab's containers get the same
+`rollout_release`, so the default waves (a canary of one host per release, 25% of the rest, the
+rest) are three waves of one host each."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.fleet.conftest import BIN, ENV, ROOT, run_deploy
+from tests.fleet.conftest import BIN, ENV, ROOT, lab_inventory, run_deploy
 
 pytestmark = pytest.mark.lab
 
@@ -29,22 +31,6 @@ ROLLOUT_TIMEOUT = 1800
 # The change: data that every rolled-out host's daemon.json shows, and a plain deploy reverts.
 CHANGE = {"docker_daemon_live_restore": False}
 
-INVENTORY = '''
-"""Test inventory: the running lab (inventory/lab.py) with per-host data changed."""
-import json, sys
-sys.path.insert(0, {root!r})
-from dockyard_lab.inventory import lab_groups
-
-_OVERRIDES = json.loads({overrides!r})
-_groups = lab_groups()
-for _members in _groups.values():
-    for _name, _data in _members:
-        if _data["lab_kind"] == "container":
-            _data.update(_OVERRIDES.get("*containers", {{}}))
-        _data.update(_OVERRIDES.get(_name, {{}}))
-globals().update(_groups)
-'''
-
 
 def _containers(lab: list[dict[str, Any]]) -> list[str]:
     """The lab's container Docker hosts in inventory order (the order the waves take them)."""
@@ -52,11 +38,7 @@ def _containers(lab: list[dict[str, Any]]) -> list[str]:
 
 
 def _inventory(tmp_path: Path, overrides: dict[str, dict[str, Any]]) -> Path:
-    """An inventory of the lab with `overrides` ({host or '*containers': data}); group_data
-    comes from the working directory (the checkout), as for inventory/lab.py."""
-    path = tmp_path / "rollout_inventory.py"
-    path.write_text(INVENTORY.format(root=str(ROOT), overrides=json.dumps(overrides)))
-    return path
+    return lab_inventory(tmp_path, overrides)
 
 
 def _rollout(inventory: Path, *args: str) -> tuple[int, dict[str, Any], str]:
@@ -94,29 +76,57 @@ def restored(lab: list[dict[str, Any]], hosts: dict[str, Any]) -> Iterator[None]
         assert not _changed(hosts[name]), name
 
 
-def test_a_failure_in_the_second_wave_stops_and_resume_finishes(
+def test_a_canary_failure_then_a_second_wave_failure_stop_and_resume_finishes(
     lab: list[dict[str, Any]], hosts: dict[str, Any], tmp_path: Path, restored: None
 ) -> None:
+    """One rollout, stopped twice: the canary fails (no other Docker host changes), `--resume`
+    with the canary fixed fails in the second wave (the third wave untouched), and `--resume`
+    after that fix finishes. The storage and registry tiers (the VMs) run once: each pass over
+    them costs emulated minutes."""
     first, second, third = _containers(lab)
     same_release = {"rollout_release": "lab", **CHANGE}
-    # The second wave's host is asked for a storage driver its kernel cannot run: its deploy
-    # fails there (and leaves the host as it was).
-    broken = _inventory(
-        tmp_path, {"*containers": same_release, second: {"docker_storage_driver": "zfs"}}
+    before = {n: hosts[n].file("/etc/docker/daemon.json").content_string for n in _containers(lab)}
+
+    # 1. The canary is asked for a storage driver its kernel cannot run: the deploy refuses it.
+    broken_canary = _inventory(
+        tmp_path, {"*containers": same_release, first: {"docker_storage_driver": "zfs"}}
     )
-    code, result, log = _rollout(broken)
+    code, result, log = _rollout(broken_canary)
     assert code == 1, log[-6000:]
     assert result["ok"] is False
-    docker_waves = [w for w in result["waves"] if w["tier"] == "docker_hosts"]
-    assert [w["hosts"] for w in docker_waves] == [[first], [second]]
-    assert [w["passed"] for w in docker_waves] == [True, False]
-    assert docker_waves[1]["failures"][second]  # named with what failed on it
+    assert [w["tier"] for w in result["waves"][:2]] == ["storage", "registry"]
+    assert all(w["passed"] for w in result["waves"][:2])
+    canary = [w for w in result["waves"] if w["tier"] == "docker_hosts"]
+    assert [w["hosts"] for w in canary] == [[first]] and canary[0]["passed"] is False
+    assert canary[0]["failures"][first]  # named with what failed on it
+    assert result["untouched"] == [second, third]
+    for name in (first, second, third):
+        assert hosts[name].file("/etc/docker/daemon.json").content_string == before[name], name
+    # the state is kept for --resume, in the working directory
+    assert result["state"] and Path(result["state"]).is_file()
+
+    # 2. Resumed with the canary fixed, the second wave's host is asked for that driver.
+    broken_second = _inventory(
+        tmp_path, {"*containers": same_release, second: {"docker_storage_driver": "zfs"}}
+    )
+    code, result, log = _rollout(broken_second, "--resume")
+    assert code == 1, log[-6000:]
+    assert result["ok"] is False
+    ran = [w for w in result["waves"] if not w["previous"]]
+    assert [w["hosts"] for w in ran] == [[first], [second]]  # from the failed canary on
+    assert [w["passed"] for w in ran] == [True, False]
+    assert ran[1]["failures"][second]
     assert result["untouched"] == [third]
     assert second in log and "zfs" in log
     assert _changed(hosts[first])
     assert not _changed(hosts[second])  # its failed deploy left daemon.json as it was
     assert not _changed(hosts[third])  # the third wave never ran
+    checks: dict[str, set[str]] = {}
+    for wave in result["waves"]:
+        for name, gates in wave["checks"].items():
+            checks.setdefault(name, set()).update(gates)
 
+    # 3. Resumed after the fix: the rest of the lab, every wave passing every gate.
     fixed = _inventory(tmp_path, {"*containers": same_release})
     code, resumed, log = _rollout(fixed, "--resume")
     assert code == 0, log[-6000:]
@@ -126,14 +136,14 @@ def test_a_failure_in_the_second_wave_stops_and_resume_finishes(
     assert all(w["passed"] and not w["failures"] for w in resumed["waves"])
     for name in (first, second, third):
         assert _changed(hosts[name]), name
+    assert not Path(result["state"]).exists()  # a finished rollout keeps no state
 
-    # Across the two runs the whole lab rolled out, tier by tier, and passed every gate.
+    # Across the runs the whole lab rolled out, tier by tier, and passed every gate.
     tiers = [w["tier"] for w in resumed["waves"]]
     assert tiers[:2] == ["storage", "registry"] and set(tiers[2:]) == {"docker_hosts"}
     rolled = [name for wave in resumed["waves"] for name in wave["hosts"]]
     assert sorted(rolled) == sorted(h["name"] for h in lab)  # every host, once
-    checks: dict[str, set[str]] = {}
-    for wave in result["waves"] + ran:
+    for wave in ran:
         for name, gates in wave["checks"].items():
             checks.setdefault(name, set()).update(gates)
     registry = next(h["name"] for h in lab if "registry" in h["groups"])
@@ -141,28 +151,3 @@ def test_a_failure_in_the_second_wave_stops_and_resume_finishes(
     for name in _containers(lab):
         assert {"engine", "pull", "mounts"} <= checks[name], (name, checks[name])
     assert "--> " in log  # pyinfra's own progress reaches the terminal
-
-
-def test_a_canary_failure_stops_before_any_other_docker_host_changes(
-    lab: list[dict[str, Any]], hosts: dict[str, Any], tmp_path: Path, restored: None
-) -> None:
-    first, second, third = _containers(lab)
-    before = {n: hosts[n].file("/etc/docker/daemon.json").content_string for n in _containers(lab)}
-    # The canary is asked for a storage driver its kernel cannot run: the deploy refuses it.
-    inventory = _inventory(
-        tmp_path,
-        {
-            "*containers": {"rollout_release": "lab", **CHANGE},
-            first: {"docker_storage_driver": "zfs"},
-        },
-    )
-    code, result, log = _rollout(inventory)
-    assert code == 1, log[-6000:]
-    canary = [w for w in result["waves"] if w["tier"] == "docker_hosts"]
-    assert [w["hosts"] for w in canary] == [[first]] and canary[0]["passed"] is False
-    assert result["untouched"] == [second, third]
-    for name in (first, second, third):
-        assert hosts[name].file("/etc/docker/daemon.json").content_string == before[name], name
-    # the state is kept for --resume, in the working directory
-    assert result["state"] and Path(result["state"]).is_file()
-    Path(result["state"]).unlink()

@@ -5,11 +5,14 @@ mount; a blob pushed from a Docker host lands in the export on the storage host,
 anonymous uid; after a reboot of the registry VM the mount and the registry come back by
 themselves; while the NFS server is stopped the registry's /debug/health says 503 and it recovers
 afterwards with nothing lost; with the mount gone a redeploy refuses to start the registry on the
-bare directory. Every test leaves the lab as the deploy made it."""
+bare directory. The VMs run their own kernels, host keys and overlays; nfs-ganesha serves where
+the kernel has no NFS server (a container) and a VM's kernel mounts it. Every test leaves the lab
+as the deploy made it."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -19,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.fleet.conftest import LAB_NAME, STATE, DeployRun, run_deploy
+from dockyard_lab import defaults
+from tests.fleet.conftest import LAB_NAME, STATE, DeployRun, lab_inventory, run_deploy
 
 pytestmark = pytest.mark.lab
 
@@ -147,6 +151,68 @@ def test_the_kernel_server_exports_to_the_fleet(
     for lab_host in lab:  # each fleet address, and nobody else
         assert lab_host["address"] in table
     assert "*" not in table and "all_squash" in table and "anonuid=65534" in table
+
+
+def test_the_vms_run_real_kernels_from_overlays_with_their_own_host_keys(
+    hosts: dict[str, Any], lab: list[dict[str, Any]]
+) -> None:
+    """Each VM: a Debian kernel of its own (not the machine's), its own hostname and ssh host
+    key (the one the lab's known_hosts pins, no container's), booted from a qcow2 overlay whose
+    backing file is the cached image."""
+    known = [
+        " ".join(k.split()[:3]) for k in Path(lab[0]["ssh_known_hosts"]).read_text().splitlines()
+    ]
+    for item in (h for h in lab if h["kind"] == "vm"):
+        host = hosts[item["name"]]
+        release = host.check_output("uname -r")
+        assert release != os.uname().release and release.endswith("-amd64"), item["name"]
+        assert host.check_output("hostname") == item["name"]
+        key = " ".join(host.file("/etc/ssh/ssh_host_ed25519_key.pub").content_string.split()[:2])
+        assert f"{item['address']} {key}" in known, item["name"]
+        assert [k for k in known if k.endswith(key)] == [f"{item['address']} {key}"]
+        overlay = defaults.lab_state_dir() / f"{LAB_NAME}-vms" / item["name"] / "overlay.qcow2"
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "-U", "--output=json", str(overlay)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        assert info["format"] == "qcow2" and info["backing-filename-format"] == "raw"
+        assert info["backing-filename"] == item["image"]
+
+
+def test_ganesha_serves_where_the_kernel_has_no_nfsd_and_a_vm_kernel_mounts_it(
+    hosts: dict[str, Any], lab: list[dict[str, Any]], registry: dict[str, Any], tmp_path: Path
+) -> None:
+    """nfs-ganesha stays covered where the kernel has no NFS server: the bookworm container
+    joins `storage` in an inventory of the test's own, the deploy picks ganesha there from its
+    facts, and the registry VM's kernel mounts that export, a root write landing as the
+    anonymous uid. Afterwards ganesha is stopped and disabled and the export removed (the
+    packages stay)."""
+    item = next(h for h in lab if h["kind"] == "container" and h["release"] == "bookworm")
+    container, client = hosts[item["name"]], hosts[registry["name"]]
+    inventory = lab_inventory(tmp_path, join={"storage": [item["name"]]})
+    mounted = "/mnt/dockyard-ganesha"
+    export = "/srv/exports/wp-content"
+    try:
+        run = run_deploy("--limit", item["name"], inventory=inventory)
+        _ok(run)
+        assert "Install the NFS server (ganesha: nfs-ganesha, nfs-ganesha-vfs)" in run.log
+        assert container.service("nfs-ganesha").is_running
+        assert not container.mount_point(MOUNT).exists  # still only fstab: no NFS client here
+        client.check_output(f"mkdir -p {mounted}")
+        client.check_output(f"mount -t nfs4 {item['address']}:{export} {mounted}")
+        try:
+            client.check_output(f"echo from-the-vm > {mounted}/vm-probe.txt")
+            probe = container.file(f"{export}/vm-probe.txt")
+            assert probe.content_string == "from-the-vm\n"
+            assert (probe.uid, probe.gid) == (65534, 65534)  # root on the VM, squashed
+        finally:
+            client.run(f"umount {mounted}; rmdir {mounted}")
+    finally:
+        container.run("systemctl disable --now nfs-ganesha; rm -rf /srv/exports")
 
 
 def test_exportfs_runs_when_the_exports_change(

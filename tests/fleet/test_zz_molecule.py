@@ -2,7 +2,7 @@
 last: pytest collects a directory's modules in name order, so this module (`test_zz_…`) runs
 after every other fleet test, on the lab they leave running (create is `dockyard-lab up`, which
 keeps it as it is: the lab is not built twice), and its destroy brings the lab down (the session
-fixture's own `down` then finds nothing to remove)."""
+fixture's own `down` then finds nothing to remove), leaving nothing of the VMs behind."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import json
 import os
 import re
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.fleet.conftest import BIN, ENV, ROOT
+from dockyard_lab import defaults, vm
+from tests.fleet.conftest import BIN, ENV, LAB_NAME, ROOT
 
 pytestmark = pytest.mark.lab
 # Bound on the whole scenario: two deploys over the test lab (its VMs are slow), the checks.
@@ -57,3 +59,26 @@ def test_molecule_test_converges_idempotently_verifies_and_destroys(
         check=True,
     )
     assert json.loads(status.stdout) == [], "molecule destroy left lab hosts"
+    # Nothing of the VMs outlives `dockyard-lab down` (molecule's destroy): no qemu process
+    # naming the lab's VM directory, no tap device, no overlay or seed disk; the cached images
+    # stay for the next lab.
+    vm_dir = defaults.lab_state_dir() / f"{LAB_NAME}-vms"
+    assert _processes_naming(str(vm_dir)) == []
+    for item in (h for h in lab if h["kind"] == "vm"):
+        assert not Path("/sys/class/net", vm.tap_name(item["name"])).exists(), item["name"]
+        assert Path(item["image"]).is_file()
+    assert not vm_dir.exists()
+
+
+def _processes_naming(marker: str) -> list[int]:
+    """Every process whose command line contains `marker`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
