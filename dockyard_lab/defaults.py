@@ -41,7 +41,8 @@ VM_SUITE = "bookworm"
 # Packages baked into the VM image: a kernel and the tools to boot it from a disk (udev, kmod),
 # ifupdown for the static address, the kernel NFS server and client, the same sshd/python3 the
 # container hosts carry (pyinfra's ssh connector, testinfra), and what the deploy installs on the
-# seed topology's VMs (Debian's Docker engine, python3-venv for the core). Baked, because dpkg
+# seed topology's VMs (Debian's Docker engine, apparmor for it on this AppArmor kernel,
+# python3-venv for the core). Baked, because dpkg
 # under software emulation is several times slower than on the machine; the deploy's package
 # operations still run there (and find them installed).
 VM_INCLUDE: tuple[str, ...] = (
@@ -58,6 +59,7 @@ VM_INCLUDE: tuple[str, ...] = (
     "ifupdown",
     "ca-certificates",
     "docker.io",
+    "apparmor",
     "python3-venv",
 )
 
