@@ -8,7 +8,6 @@ from its data with these defaults, as every concern's in settings.py."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from dataclasses import dataclass
@@ -17,10 +16,9 @@ from typing import Any, Optional
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.facts.server import Hostname
 from pyinfra.operations import files, server, systemd
 
-from dockyard_deploys import registry_trust, settings
+from dockyard_deploys import registry_pki, registry_trust, settings
 from dockyard_deploys.operations import RELEASE_IMAGE, docker_release_image, pki_file
 from dockyard_deploys.settings import SettingsError, _cached, _Data, invalid
 
@@ -205,22 +203,7 @@ def pull_release_images() -> None:
 def receiver_names(cfg: ReceiverSettings) -> tuple[list[str], list[str]]:
     """(DNS names, IPs) of the receiver's certificate: the host's address, name and hostname,
     and receiver_names."""
-    dns: set[str] = set()
-    ips: set[str] = set()
-    candidates = [
-        str(host.data.get("ssh_hostname") or host.name),
-        host.name,
-        str(host.get_fact(Hostname) or ""),
-        *cfg.names,
-    ]
-    for name in candidates:
-        if not name:
-            continue
-        try:
-            ips.add(str(ipaddress.ip_address(name)))
-        except ValueError:
-            dns.add(name.lower())
-    return sorted(dns), sorted(ips)
+    return registry_pki.host_names(cfg.names)
 
 
 def receiver_config(cfg: ReceiverSettings) -> str:

@@ -21,24 +21,30 @@ from dockyard_deploys.nfs_server import anonymous
 from dockyard_deploys.operations import pki_file, pki_source
 
 
-def registry_names() -> tuple[list[str], list[str]]:
-    """(DNS names, IPs) the registry certificate must carry for this host."""
-    dns: list[str] = []
-    ips: list[str] = []
+def host_names(extra: Any = ()) -> tuple[list[str], list[str]]:
+    """(DNS names, IPs) a certificate for this host carries: its ssh address, inventory name
+    and hostname, and `extra`, each sorted into names and addresses."""
+    dns: set[str] = set()
+    ips: set[str] = set()
     candidates = [
         str(host.data.get("ssh_hostname") or host.name),
         host.name,
         str(host.get_fact(Hostname) or ""),
-        *settings.pki().names,
+        *extra,
     ]
     for name in candidates:
         if not name:
             continue
         try:
-            ips.append(str(ipaddress.ip_address(name)))
+            ips.add(str(ipaddress.ip_address(name)))
         except ValueError:
-            dns.append(name.lower())
-    return sorted(set(dns)), sorted(set(ips))
+            dns.add(name.lower())
+    return sorted(dns), sorted(ips)
+
+
+def registry_names() -> tuple[list[str], list[str]]:
+    """(DNS names, IPs) the registry certificate must carry for this host."""
+    return host_names(settings.pki().names)
 
 
 def leaf_name() -> str:

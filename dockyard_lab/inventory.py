@@ -29,14 +29,14 @@ BTRFS_HOST_DATA: dict[str, Any] = {
 }
 
 
-def _lab_secret(name: str) -> str:
-    """A random secret kept in the lab's state directory (0600), made once."""
+def lab_secret(name: str, nbytes: int = 18) -> str:
+    """A random secret kept in the lab's state directory (`<lab>.<name>`, 0600), made once."""
     path = defaults.lab_state_dir() / f"{defaults.LAB_NAME}.{name}"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(18))
+            f.write(secrets.token_urlsafe(nbytes))
     return path.read_text().strip()
 
 
@@ -59,7 +59,7 @@ def lab_groups() -> dict[str, list[tuple[str, dict[str, Any]]]]:
     mount = {"src": f"{storage.address}:{LAB_EXPORT}", "path": LAB_MOUNT}
     common: dict[str, Any] = {
         "registry_pki_dir": str(defaults.lab_state_dir() / f"{defaults.LAB_NAME}-pki"),
-        "registry_users": {LAB_REGISTRY_USER: _lab_secret("registry-password")},
+        "registry_users": {LAB_REGISTRY_USER: lab_secret("registry-password")},
     }
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for lab_host in containers + [h for h in running if h.kind == "vm"]:

@@ -10,8 +10,6 @@ its push events to a receiver on the control machine — the lab network's gatew
 LAB_RECEIVER_PORT, with a bearer token kept in the lab's state directory. Nothing needs to listen
 there: the registry's durable queue keeps the events and retries until a receiver answers."""
 
-import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ if _CHECKOUT not in sys.path:
 
 from dockyard_lab import defaults
 from dockyard_lab.docker import DockerError, docker
-from dockyard_lab.inventory import lab_groups
+from dockyard_lab.inventory import lab_groups, lab_secret
 
 # Port of the control machine's receiver on the lab network's gateway (`dockyard receive`).
 LAB_RECEIVER_PORT = 9443
@@ -34,13 +32,7 @@ LAB_STAGING_HOSTS = 2
 def lab_receiver_token() -> str:
     """The bearer token the registry sends to the lab's receiver: made once (0600) in the lab's
     state directory, `<lab>.receiver-token`."""
-    path = defaults.lab_state_dir() / f"{defaults.LAB_NAME}.receiver-token"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+    return lab_secret("receiver-token", 32)
 
 
 def lab_gateway() -> str:

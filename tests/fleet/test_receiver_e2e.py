@@ -29,14 +29,13 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
 
 from dockyard import pki as fleet_pki
-from tests.fleet.conftest import BIN, ENV, ROOT, STATE
+from tests.fleet.conftest import BIN, ENV, ROOT, STATE, lab_inventory, run_deploy
 
 pytestmark = pytest.mark.lab
 
@@ -46,8 +45,6 @@ RECEIVER_PORT = 9443
 STAGING_HOSTS = 2
 # Bound on the whole loop: the event's delivery, the staging rollout (deploy and gates).
 LOOP_TIMEOUT = 480
-# Bound on one deploy of the service host.
-DEPLOY_TIMEOUT = 900
 ENVELOPE = "application/vnd.docker.distribution.events.v1+json"
 MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
@@ -329,15 +326,6 @@ def test_a_push_to_the_fleet_registry_rolls_out_to_staging(
 
 # ---- the systemd service on a host -------------------------------------------------------------
 
-RECEIVER_INVENTORY = '''
-"""Test inventory: inventory/lab.py, with one host in the receiver group."""
-import json, runpy
-_ns = runpy.run_path({lab_inventory!r})
-globals().update({{k: v for k, v in _ns.items() if isinstance(v, list) and not k.startswith("_")}})
-_data = next(d for n, d in _ns["docker_hosts"] if n == {name!r})
-_data.update(json.loads({extra!r}))
-receiver = [({name!r}, _data)]
-'''
 TRIGGERED = "/var/lib/dockyard/receiver/triggered"
 
 
@@ -366,20 +354,14 @@ def test_the_receiver_as_a_systemd_service(
         "receiver_rules": [{"repository": REPOSITORY, "tags": [TAG]}],
         "receiver_command": ["sh", "-c", f'echo "$1" >> {TRIGGERED}', "sh", "{image}"],
     }
-    inventory = tmp_path / "receiver_inventory.py"
-    inventory.write_text(
-        RECEIVER_INVENTORY.format(
-            lab_inventory=str(ROOT / "inventory" / "lab.py"),
-            name=name,
-            extra=json.dumps(extra),
-        )
-    )
+    # inventory/lab.py with this host in the receiver group and the receiver's data.
+    inventory = lab_inventory(tmp_path, {name: extra}, join={"receiver": [name]})
     host = hosts[name]
     ca = pki_dir / "ca.crt"
     try:
         started = time.monotonic()
-        first = _deploy(inventory, name)
-        assert first.returncode == 0, first.log
+        first = run_deploy("--limit", name, inventory=inventory)
+        assert first.returncode == 0, first.failures()
         assert host.service("dockyard-receiver.service").is_running
         assert host.service("dockyard-receiver.service").is_enabled
         for path, mode in (
@@ -406,9 +388,9 @@ def test_the_receiver_as_a_systemd_service(
         logged = host.run("journalctl -u dockyard-receiver.service --no-pager").stdout
         assert "refused an event POST from" in logged and f"digest {digest}" in logged
         # A second deploy changes nothing.
-        second = _deploy(inventory, name)
-        assert second.returncode == 0, second.log
-        assert second.changed == [], second.changed
+        second = run_deploy("--limit", name, inventory=inventory)
+        assert second.returncode == 0, second.failures()
+        assert second.changed_ops() == [], second.changed_ops()
         print(f"receiver service: {time.monotonic() - started:.0f} s for both deploys and checks")
     finally:
         host.run(
@@ -416,28 +398,3 @@ def test_the_receiver_as_a_systemd_service(
             "rm -f /etc/systemd/system/dockyard-receiver.service; systemctl daemon-reload; "
             "rm -rf /etc/dockyard/receiver /var/lib/dockyard/receiver"
         )
-
-
-@dataclass
-class Run:
-    """One pyinfra run: exit code, the operations that changed something, its log."""
-
-    returncode: int
-    changed: list[str]
-    log: str
-
-
-def _deploy(inventory: Path, name: str) -> Run:
-    """`pyinfra --json INVENTORY deploy.py -y --limit NAME` (as the fleet tests run the deploy)."""
-    proc = subprocess.run(
-        [str(BIN / "pyinfra"), "--json", str(inventory), "deploy.py", "-y", "--limit", name],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=DEPLOY_TIMEOUT,
-        check=False,
-    )
-    results = (json.loads(proc.stdout).get("results") or {}) if proc.stdout.strip() else {}
-    changed = [op["name"] for op in results.get("operations", []) if op["success"]]
-    return Run(proc.returncode, changed, proc.stderr[-4000:])
