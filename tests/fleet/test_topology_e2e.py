@@ -189,8 +189,8 @@ def test_ganesha_serves_where_the_kernel_has_no_nfsd_and_a_vm_kernel_mounts_it(
     """nfs-ganesha stays covered where the kernel has no NFS server: the bookworm container
     joins `storage` in an inventory of the test's own, the deploy picks ganesha there from its
     facts, and the registry VM's kernel mounts that export, a root write landing as the
-    anonymous uid. Afterwards ganesha is stopped and disabled and the export removed (the
-    packages stay)."""
+    anonymous uid. Afterwards ganesha is stopped and disabled, the export removed (the
+    packages stay) and the lab's own deploy of the host puts back what the role changed."""
     item = next(h for h in lab if h["kind"] == "container" and h["release"] == "bookworm")
     container, client = hosts[item["name"]], hosts[registry["name"]]
     inventory = lab_inventory(tmp_path, join={"storage": [item["name"]]})
@@ -213,6 +213,17 @@ def test_ganesha_serves_where_the_kernel_has_no_nfsd_and_a_vm_kernel_mounts_it(
             client.run(f"umount {mounted}; rmdir {mounted}")
     finally:
         container.run("systemctl disable --now nfs-ganesha; rm -rf /srv/exports")
+        # As a second storage host it may have been pyinfra's first of the group, the server
+        # of its NFS-backed volumes: the lab's own inventory puts them back.
+        back = run_deploy("--limit", item["name"])
+    _ok(back)
+    assert _inspect_volume(container, "wp_content")["Options"]["o"].startswith(
+        f"addr={next(h for h in lab if 'storage' in h['groups'])['address']},"
+    )
+
+
+def _inspect_volume(host: Any, name: str) -> dict[str, Any]:
+    return json.loads(host.check_output(f"docker volume inspect {name}"))[0]
 
 
 def test_exportfs_runs_when_the_exports_change(
