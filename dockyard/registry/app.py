@@ -37,7 +37,7 @@ from dockyard.registry.handlers.referrers import ReferrerHandlers
 from dockyard.registry.handlers.tags import ListingHandlers
 from dockyard.registry.handlers.uploads import UploadHandlers
 from dockyard.registry.manifeststore import MANIFEST_MAX
-from dockyard.registry.metrics import OTHER_ROUTE, RegistryMetrics, metrics_handler
+from dockyard.registry.metrics import OTHER_ROUTE, RegistryMetrics, SharedMetrics, metrics_handler
 from dockyard.registry.notifications import REQUEST_USER, Notifier, basic_user
 from dockyard.registry.store import build_registry
 from dockyard.registry.transfer import BODY_BYTES, BODY_REFUSED
@@ -110,7 +110,12 @@ def _routes(ctx: Context, base: Any) -> list[Route]:
 class RegistryApp:
     """Holds the configuration and stores; builds the aiohttp application."""
 
-    def __init__(self, config: RegistryConfig, background: bool = True) -> None:
+    def __init__(
+        self,
+        config: RegistryConfig,
+        background: bool = True,
+        shared_metrics: Optional[SharedMetrics] = None,
+    ) -> None:
         self.config = config
         # upload purging runs in one process only (the first of several workers)
         self.background = background
@@ -124,11 +129,13 @@ class RegistryApp:
         self.blob_reads = ThreadPoolExecutor(BLOB_READ_THREADS, thread_name_prefix="blob-read")
         if config.htpasswd_path and config.htpasswd_realm:
             self.auth = BasicAuth(config.htpasswd_realm, load_htpasswd(config.htpasswd_path))
-        self.metrics = RegistryMetrics()
+        # in memory, or (several workers) in files every process shares: see metrics.py
+        self.metrics = RegistryMetrics(shared_metrics)
         # events of successful requests, queued per endpoint; only the first process delivers
         self.notifier: Optional[Notifier] = None
         if any(not e.disabled for e in config.notifications.endpoints):
             self.notifier = Notifier(config.notifications, config.addr, deliver=background)
+            self.metrics.count_notifications(self.notifier)
         context = Context(self.registry, self.blob_reads, self.notifier)
         self.routes = _routes(context, self.base)
 

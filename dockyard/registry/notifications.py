@@ -150,7 +150,8 @@ def delete_target(name: str, digest: str = "", tag: str = "") -> dict[str, Any]:
 
 
 class EndpointStats:
-    """What one endpoint's queue did in this process, for the metrics."""
+    """What one endpoint's queue did in this process; each count is also handed to `sink`
+    (the metrics' counters, shared by every serving process) when one is set."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -158,11 +159,15 @@ class EndpointStats:
         self.delivered = 0  # events the endpoint accepted
         self.failures = 0  # POSTs that failed (error, timeout or refused status)
         self.dropped = 0  # events dropped: the queue was full (or a file unreadable)
+        self.sink: Optional[Callable[[str, int], None]] = None
 
     def add(self, **counts: int) -> None:
         with self.lock:
             for name, count in counts.items():
                 setattr(self, name, getattr(self, name) + count)
+        if self.sink is not None:
+            for name, count in counts.items():
+                self.sink(name, count)
 
 
 class EndpointQueue:
@@ -188,7 +193,7 @@ class EndpointQueue:
         self._stopping = threading.Event()
         self._files_ready = threading.Event()
         self._sequence = itertools.count()
-        self._full = False  # a warning was logged and no event was queued since
+        self._full = False  # a warning was logged and the queue has had no room since
         self._threads: list[threading.Thread] = []
 
     # ---- the request path -----------------------------------------------------------------
@@ -296,11 +301,14 @@ class EndpointQueue:
             )
             dropped += len(kept) - written
         if written:
-            self._full = False
             self.stats.add(queued=written)
             self._files_ready.set()
         if dropped:
             self._dropped(dropped)
+        elif written and room > written:
+            # room is left after this write: the next drop starts a new episode (and says so).
+            # Not on any write: events accepted before a drop can reach the disk after it.
+            self._full = False
 
     def _write_file(self, events: list[dict[str, Any]]) -> None:
         name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._sequence):08d}-{len(events)}.json"

@@ -17,7 +17,7 @@ import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Optional
+from typing import Callable, Optional
 
 from aiohttp import web
 
@@ -25,6 +25,7 @@ from dockyard.registry.app import RegistryApp
 from dockyard.registry.config import RegistryConfig
 from dockyard.registry.connection import Runner
 from dockyard.registry.listener import Connections, MalformedRequestLog, Site, raise_fd_limit
+from dockyard.registry.metrics import SharedMetrics, share_metrics, unshare_metrics, worker_exited
 
 log = logging.getLogger("dockyard.registry")
 
@@ -163,15 +164,26 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _run(config: RegistryConfig, sock: socket.socket, primary: bool, children: list[int]) -> None:
-    registry_app = RegistryApp(config, background=primary)
+def _run(
+    config: RegistryConfig,
+    sock: socket.socket,
+    primary: bool,
+    children: list[int],
+    shared: Optional[SharedMetrics] = None,
+) -> None:
+    registry_app = RegistryApp(config, background=primary, shared_metrics=shared)
     app = registry_app.build()
     if primary:
         app.on_startup.append(_ready)
         app.on_shutdown.append(_stopping)
     if primary and children:
+
+        def exited(pid: int) -> None:
+            if shared is not None:
+                worker_exited(shared, pid)
+
         app.on_shutdown.append(lambda _app: _stop_workers(children))
-        app.cleanup_ctx.append(lambda _app: _watch_workers(children))
+        app.cleanup_ctx.append(lambda _app: _watch_workers(children, exited))
     try:
         asyncio.run(_serve(app, sock, tls_context(config)))
     except (web.GracefulExit, KeyboardInterrupt):
@@ -205,8 +217,9 @@ async def _stop_workers(children: list[int]) -> None:
             pass
 
 
-async def _watch_workers(children: list[int]) -> AsyncIterator[None]:
-    """Stop the whole registry when a worker dies, so the service manager restarts it whole."""
+async def _watch_workers(children: list[int], exited: Callable[[int], None]) -> AsyncIterator[None]:
+    """Stop the whole registry when a worker dies, so the service manager restarts it whole.
+    `exited` is told the dead worker's pid first (its live metrics go with it)."""
 
     async def watch() -> None:
         while True:
@@ -215,6 +228,7 @@ async def _watch_workers(children: list[int]) -> AsyncIterator[None]:
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
                     children.remove(pid)
+                    exited(pid)
                     if status != 0:
                         _FAILED.append(pid)
                     log.error(
@@ -237,8 +251,9 @@ def _describe(status: int) -> str:
 def serve(config: RegistryConfig, workers: int = 1) -> int:
     """Serve until SIGTERM/SIGINT. With workers > 1, the first process forks workers - 1 more
     that accept on the same socket (each with its own event loop and threads; an upload may
-    move between them, its digest state is then rebuilt from storage). Returns the exit code:
-    non-zero when a worker died."""
+    move between them, its digest state is then rebuilt from storage; their metrics are shared
+    through a per-run directory made before they fork and removed once they are gone: see
+    metrics.py). Returns the exit code: non-zero when a worker died."""
     logging.basicConfig(
         level=_LEVELS[config.log_level],
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -263,22 +278,24 @@ def serve(config: RegistryConfig, workers: int = 1) -> int:
     )
     parent = os.getpid()
     children: list[int] = []
-    for _ in range(workers - 1):
-        pid = os.fork()
-        if pid == 0:
-            os.environ.pop("NOTIFY_SOCKET", None)  # only the main process speaks for the service
-            _die_with_parent(parent)
-            code = 1
-            try:
-                _run(config, sock, primary=False, children=[])
-                code = 0
-            except BaseException:
-                log.exception("worker %d failed", os.getpid())
-            finally:
-                os._exit(code)
-        children.append(pid)
+    # several workers: their metrics in files of one directory, made before they fork
+    shared = share_metrics() if workers > 1 else None
     try:
-        _run(config, sock, primary=True, children=children)
+        for _ in range(workers - 1):
+            pid = os.fork()
+            if pid == 0:
+                os.environ.pop("NOTIFY_SOCKET", None)  # only the main process speaks for it
+                _die_with_parent(parent)
+                code = 1
+                try:
+                    _run(config, sock, primary=False, children=[], shared=shared)
+                    code = 0
+                except BaseException:
+                    log.exception("worker %d failed", os.getpid())
+                finally:
+                    os._exit(code)
+            children.append(pid)
+        _run(config, sock, primary=True, children=children, shared=shared)
     finally:
         for pid in children:
             try:
@@ -286,4 +303,6 @@ def serve(config: RegistryConfig, workers: int = 1) -> int:
                 os.waitpid(pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
+        if shared is not None:
+            unshare_metrics(shared)
     return 1 if _FAILED else 0

@@ -122,9 +122,10 @@ def start_registry(
     extra: Optional[dict[str, Any]] = None,
     max_queue: Optional[int] = None,
     debug_port: Optional[int] = None,
+    workers: int = 1,
 ) -> RegistryServer:
-    """`dockyard registry serve` (one worker) with notifications to `endpoints`, the queues
-    below `queue` (default base/queue), and /metrics on `debug_port` when given."""
+    """`dockyard registry serve` (one worker, or `workers`) with notifications to `endpoints`,
+    the queues below `queue` (default base/queue), and /metrics on `debug_port` when given."""
     config: dict[str, Any] = {"log": {"level": "info"}}
     dockyard: dict[str, Any] = {"queuedirectory": str(queue or base / "queue")}
     if max_queue is not None:
@@ -138,7 +139,7 @@ def start_registry(
             "prometheus": {"enabled": True, "path": "/metrics"},
         }
     config.update(extra or {})
-    return make_server("dockyard", base, config, serve_args=["--workers", "1"])
+    return make_server("dockyard", base, config, serve_args=["--workers", str(workers)])
 
 
 def scrape(

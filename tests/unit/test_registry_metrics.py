@@ -1,24 +1,46 @@
 """The registry's Prometheus metrics (`http.debug.addr` with `http.debug.prometheus`), read from
 the real registry's debug listener on loopback with prometheus_client's own parser after known
 requests: requests by method, route template and status, latency, bytes in and out, uploads in
-progress, garbage collections, storage health; one CollectorRegistry per application."""
+progress, garbage collections, storage health; one CollectorRegistry per application; with
+several `--workers`, every process's share counted once (prometheus_client's multiprocess mode)
+in a private per-run directory that a restart never reuses and a stop removes."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import socket
+import stat
 from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, values
+from prometheus_client.parser import text_string_to_metric_families
 
 from dockyard.registry import gc
 from dockyard.registry.app import RegistryApp
 from dockyard.registry.config import ConfigError, load_config
 from dockyard.registry.driver import FilesystemDriver
+from dockyard.registry.metrics import RegistryMetrics, share_metrics, unshare_metrics
 from dockyard.registry.store import Registry
 from tests.integration.conftest import free_port
-from tests.unit.registry_live import sample, scrape, start_registry, wait_until
+from tests.unit.registry_live import (
+    Receiver,
+    endpoint,
+    sample,
+    scrape,
+    start_registry,
+    wait_until,
+)
+
+# Requests a multi-worker test sends, each on a new connection (the kernel hands each accepted
+# connection to whichever worker takes it first).
+SPREAD_REQUESTS = 200
+# Blob uploads a multi-worker test pushes, each on a new connection.
+SPREAD_UPLOADS = 20
+# Prefix of the per-run metrics directory (dockyard.registry.metrics.SHARED_PREFIX).
+METRICS_DIR_PREFIX = "dockyard-registry-metrics-"
 
 
 def sha256(data: bytes) -> str:
@@ -172,3 +194,174 @@ def test_invalid_debug_settings_are_named(http: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(text=text, environ={})
     assert message in str(caught.value)
+
+
+def _metrics_dirs(run: Path) -> list[Path]:
+    return sorted(p for p in run.iterdir() if p.name.startswith(METRICS_DIR_PREFIX))
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temp directory the registry started by the test uses (TMPDIR, inherited)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv("TMPDIR", str(run))
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    return run
+
+
+def test_every_worker_s_requests_are_counted_once(tmp_path: Path, run_dir: Path) -> None:
+    debug = free_port()
+    server = start_registry(tmp_path, [], debug_port=debug, workers=2)
+    blobs = [f"blob {i} of the spread".encode() for i in range(SPREAD_UPLOADS)]
+    try:
+        before = scrape(debug)
+        body = b""
+        for _ in range(SPREAD_REQUESTS):  # server.request: a new connection each time
+            reply = server.request("GET", "/v2/")
+            assert reply.status == 200
+            body = reply.body
+        for i, blob in enumerate(blobs):
+            path = f"/v2/spread/r{i}/blobs/uploads/?digest={sha256(blob)}"
+            assert server.request("POST", path, blob).status == 201
+        samples = scrape(debug)
+    finally:
+        server.stop()
+    assert server.process is not None and server.process.returncode == 0
+
+    def grew(name: str, **labels: str) -> float:
+        return sample(samples, name, **labels) - sample(before, name, **labels)
+
+    requests = "registry_http_requests_total"
+    latency = "registry_http_request_duration_seconds"
+    uploads = "/v2/<name>/blobs/uploads/"
+    assert grew(requests, method="GET", route="/v2/", code="200") == SPREAD_REQUESTS
+    assert grew(f"{latency}_count", method="GET", route="/v2/") == SPREAD_REQUESTS
+    assert grew(f"{latency}_bucket", method="GET", route="/v2/", le="+Inf") == SPREAD_REQUESTS
+    assert grew("registry_http_sent_bytes_total", route="/v2/") == SPREAD_REQUESTS * len(body)
+    assert sample(samples, requests, method="POST", route=uploads, code="201") == SPREAD_UPLOADS
+    assert sample(samples, f"{latency}_count", method="POST", route=uploads) == SPREAD_UPLOADS
+    received = sum(len(blob) for blob in blobs)
+    assert sample(samples, "registry_http_received_bytes_total", route=uploads) == received
+    assert sample(samples, "registry_uploads_in_progress") == 0
+    # the state read at scrape time once, not once per process
+    assert sample(samples, "registry_storage_healthy") == 1
+    assert sample(samples, "registry_gc_runs_total") == 0
+
+
+def test_every_worker_s_notification_counters_are_counted_once(
+    tmp_path: Path, run_dir: Path
+) -> None:
+    receiver = Receiver().start()
+    debug = free_port()
+    server = start_registry(tmp_path, [endpoint("hook", receiver)], debug_port=debug, workers=2)
+    try:
+        for i in range(SPREAD_UPLOADS):
+            blob = f"notified blob {i}".encode()
+            path = f"/v2/notified/r{i}/blobs/uploads/?digest={sha256(blob)}"
+            assert server.request("POST", path, blob).status == 201
+        wait_until("every push delivered", lambda: len(receiver.delivered()) == SPREAD_UPLOADS)
+
+        def all_counted() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            samples = scrape(debug)
+            delivered = sample(samples, "registry_notifications_delivered_total", endpoint="hook")
+            return samples if delivered == SPREAD_UPLOADS else {}
+
+        samples = wait_until("the deliveries counted", all_counted)
+    finally:
+        server.stop()
+        receiver.stop()
+    assert sample(samples, "registry_notifications_events_total", endpoint="hook") == SPREAD_UPLOADS
+    assert sample(samples, "registry_notifications_pending", endpoint="hook") == 0
+    assert sample(samples, "registry_notifications_dropped_total", endpoint="hook") == 0
+    assert sample(samples, "registry_notifications_failures_total", endpoint="hook") == 0
+
+
+def test_the_metrics_directory_is_private_fresh_at_each_start_and_removed(
+    tmp_path: Path, run_dir: Path
+) -> None:
+    debug = free_port()
+    server = start_registry(tmp_path, [], debug_port=debug, workers=2)
+    try:
+        for _ in range(5):
+            assert server.request("GET", "/v2/_catalog").status == 200
+        catalog = {"method": "GET", "route": "/v2/_catalog", "code": "200"}
+        assert sample(scrape(debug), "registry_http_requests_total", **catalog) == 5
+        (first,) = _metrics_dirs(run_dir)
+        status = first.stat()
+        assert stat.S_IMODE(status.st_mode) == 0o700
+        assert status.st_uid == os.geteuid()
+        assert (tmp_path / "data") not in first.parents
+        # a registry killed outright leaves its directory behind...
+        server.stop(signal.SIGKILL)
+        assert first.is_dir()
+        # ...which the next start never reads (its counts would leak) and removes
+        server.start()
+        samples = scrape(debug)
+        assert sample(samples, "registry_http_requests_total", **catalog) == 0
+        (second,) = _metrics_dirs(run_dir)
+        assert second != first
+        assert stat.S_IMODE(second.stat().st_mode) == 0o700
+    finally:
+        server.stop()
+    assert server.process is not None and server.process.returncode == 0
+    assert _metrics_dirs(run_dir) == []
+
+
+def test_a_dead_worker_stops_the_registry_and_its_metrics_directory(
+    tmp_path: Path, run_dir: Path
+) -> None:
+    debug = free_port()
+    server = start_registry(tmp_path, [], debug_port=debug, workers=2)
+    try:
+        assert server.process is not None
+        primary = server.process.pid
+        (directory,) = _metrics_dirs(run_dir)
+
+        def workers() -> set[int]:
+            # every process keeps its live gauge (uploads in progress) in a file named by its pid
+            names = (p.stem for p in directory.glob("gauge_livesum_*.db"))
+            return {int(name.rsplit("_", 1)[1]) for name in names} - {primary}
+
+        (worker,) = wait_until("the worker's metric file", workers)
+        assert sample(scrape(debug), "registry_uploads_in_progress") == 0
+        os.kill(worker, signal.SIGKILL)
+        assert server.process.wait(timeout=30) == 1  # the registry stops whole, as before
+    finally:
+        server.stop()
+    assert _metrics_dirs(run_dir) == []
+    log = (tmp_path / "server.log").read_text()
+    assert f"worker {worker} exited (signal 9): stopping the registry" in log
+    assert "Traceback" not in log
+
+
+def test_shared_metrics_skip_a_file_another_process_is_creating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime))
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    shared = share_metrics()
+    try:
+        directory = Path(shared.directory)
+        assert directory.parent == runtime
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        metrics = RegistryMetrics(shared)
+        metrics.observe("GET", "/v2/", 200, 0.01, 0, 2)
+        # a worker between creating its file and sizing it (prometheus_client's collector
+        # fails on it: struct.error)
+        (directory / "counter_999999.db").touch()
+        text = metrics.exposition().decode()
+    finally:
+        unshare_metrics(shared)
+    assert values.ValueClass is values.MutexValue
+    assert not directory.exists()
+    requests = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "registry_http_requests_total"
+    ]
+    assert requests == [1]

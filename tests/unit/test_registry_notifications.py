@@ -372,16 +372,18 @@ def test_a_full_queue_drops_new_events_and_says_so(tmp_path: Path, receiver: Rec
         client = Client(server)
         for i in range(5):
             client.push_blob("full/repo", f"event {i}".encode())  # every push succeeds
+        # Drops are counted when an event is refused, queued events once written: wait for both
+        # (an event accepted before a drop can reach the disk after it).
         samples = wait_until(
-            "2 events dropped",
+            "2 events dropped and 3 queued",
             lambda: (
                 (s := scrape(debug))
                 and sample(s, "registry_notifications_dropped_total", endpoint="hook") == 2
+                and sample(s, "registry_notifications_events_total", endpoint="hook") == 3
                 and s
             ),
         )
         assert sample(samples, "registry_notifications_pending", endpoint="hook") == 3
-        assert sample(samples, "registry_notifications_events_total", endpoint="hook") == 3
         assert len(queued_events(queue)) == 3
     finally:
         server.stop()
@@ -502,3 +504,31 @@ def test_endpoint_defaults_are_distributions() -> None:
     assert config.notifications.queue_directory == "/var/lib/dockyard/notifications"
     assert config.notifications.max_queue == 10_000
     assert warnings == ["unknown configuration key notifications.endpoints[0].color (ignored)"]
+
+
+def test_a_full_queue_says_so_once_when_accepted_events_reach_the_disk_late(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Events accepted before a drop are written after it (the writer lags): writing them does
+    not end the episode, the queue is still full, so the next drop says nothing new."""
+    from dockyard.registry.config import NotificationEndpoint
+    from dockyard.registry.notifications import EndpointQueue
+
+    queue = EndpointQueue(
+        NotificationEndpoint("hook", "https://127.0.0.1:9/"), str(tmp_path), 3, None
+    )
+    events = [{"id": str(i), "action": "push", "target": {"mediaType": "x"}} for i in range(5)]
+    with caplog.at_level("WARNING"):
+        for event in events[:4]:  # no writer yet: 3 held in memory, the 4th refused
+            queue.offer(event)
+        queue.start(deliver=False)
+        try:
+            wait_until("3 events written", lambda: queue.stats.queued == 3)
+            queue.offer(events[4])  # the queue (on disk now) is still full
+            wait_until("2 events dropped", lambda: queue.stats.dropped == 2)
+        finally:
+            queue.stop(5)
+    assert queue.depth() == 3
+    said = [r.getMessage() for r in caplog.records if "queue full" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith("notifications: endpoint hook: queue full (3 events")
