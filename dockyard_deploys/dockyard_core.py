@@ -1,20 +1,22 @@
 """Install the bundled dockyard core on every host, offline: a wheelhouse is built on the control
 machine for each host's Python version and architecture (`wheelhouse.py`), pushed, and installed
-into a venv with `pip --no-index`; the `dockyard` CLI goes on the PATH. The wheelhouse is built
-only while operations execute: change detection and `pyinfra --dry` create nothing locally."""
+with `--no-index` into a venv made without pip (the wheelhouse's own pip wheel runs the install);
+the `dockyard` CLI goes on the PATH. The wheelhouse is built only while operations execute: change
+detection and `pyinfra --dry` create nothing locally."""
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from pyinfra import host, logger
 from pyinfra.api import DeployError, deploy
-from pyinfra.operations import files, pip, server
+from pyinfra.operations import files, server
 
 from dockyard_deploys import settings
 from dockyard_deploys.common import current_distro, install_packages
 from dockyard_deploys.facts import HostPython
-from dockyard_deploys.operations import sync_wheelhouse
+from dockyard_deploys.operations import core_venv, sync_wheelhouse
 from dockyard_deploys.wheelhouse import (  # noqa: F401 (the core's packaging, re-exported)
     REQUIREMENTS,
     build_core_wheel,
@@ -22,6 +24,18 @@ from dockyard_deploys.wheelhouse import (  # noqa: F401 (the core's packaging, r
     wheelhouse_path,
     wheelhouse_ready,
 )
+
+
+def install_command(prefix: str) -> str:
+    """The venv's Python runs pip from the wheelhouse's pip wheel (the venv has no pip), offline,
+    and reinstalls the core and its dependencies from the wheelhouse."""
+    wheels = shlex.quote(f"{prefix}/wheelhouse")
+    python = shlex.quote(f"{prefix}/venv/bin/python")
+    return (
+        f'set -- {wheels}/pip-*.whl && test -f "$1" && '
+        f'{python} "$1/pip" install --quiet --disable-pip-version-check --no-index '
+        f"--find-links {wheels} --force-reinstall dockyard"
+    )
 
 
 @deploy("Install the dockyard core")
@@ -64,13 +78,10 @@ def install_dockyard_core() -> Any:
         cache=cache,
         dest=f"{prefix}/wheelhouse",
     )
-    venv = pip.venv(name=f"Create the venv {prefix}/venv", path=f"{prefix}/venv", python="python3")
+    venv = core_venv(name=f"Create the venv {prefix}/venv", path=f"{prefix}/venv")
     installed = server.shell(
         name="Install the dockyard core from the wheelhouse (offline)",
-        commands=[
-            f"{prefix}/venv/bin/pip install --quiet --no-index --find-links {prefix}/wheelhouse "
-            "--force-reinstall dockyard"
-        ],
+        commands=[install_command(prefix)],
         _if=lambda: synced.did_change() or venv.did_change(),
     )
     files.link(

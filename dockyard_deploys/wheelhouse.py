@@ -8,10 +8,12 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import io
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import zipfile
 from pathlib import Path
@@ -28,6 +30,10 @@ REQUIREMENTS: tuple[str, ...] = (
     "bcrypt>=4,<6",
     "prometheus_client>=0.17,<1",
 )
+# The installer in every wheelhouse: hosts run pip from its wheel (`python pip-X.whl/pip`, as
+# pip documents for bootstrapping) into a venv made `--without-pip`. ensurepip would install and
+# byte-compile pip into each venv first: 88 s of 89 s creating the venv on an emulated lab VM.
+INSTALLER = "pip>=23.1"
 # manylinux tags accepted when downloading binary wheels for hosts (glibc 2.17 and newer).
 PLATFORMS: tuple[str, ...] = (
     "manylinux2014",
@@ -72,7 +78,7 @@ def _source_hash() -> str:
     for path in _core_files(core):
         hasher.update(str(path.relative_to(core)).encode())
         hasher.update(path.read_bytes())
-    hasher.update("\n".join(REQUIREMENTS).encode())
+    hasher.update("\n".join((*REQUIREMENTS, INSTALLER)).encode())
     return hasher.hexdigest()[:16]
 
 
@@ -156,6 +162,36 @@ def wheelhouse_digests(version: str, machine: str, cache: str) -> dict[str, str]
     return dict(_DIGESTS[str(target)])
 
 
+def wheelhouse_archive_path(version: str, machine: str, cache: str) -> Path:
+    """Where the wheelhouse's one-file archive is cached (nothing is created)."""
+    target = wheelhouse_path(version, machine, cache)
+    return target.with_name(target.name + ".tar")
+
+
+def wheelhouse_archive(version: str, machine: str, cache: str) -> Path:
+    """The built wheelhouse as one uncompressed tar (wheels are compressed already), made once:
+    hosts get one upload instead of one per wheel. Members are the wheels by name, sorted,
+    owned by root, mode 0644, dated 0: the same wheelhouse makes the same archive."""
+    target = wheelhouse_path(version, machine, cache)
+    if not (target / ".complete").exists():
+        raise DeployError(f"the dockyard wheelhouse {target} is not built")
+    archive = wheelhouse_archive_path(version, machine, cache)
+    with _BUILD_LOCK:
+        if archive.exists():
+            return archive
+        partial = archive.with_name(archive.name + ".partial")
+        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+            for name in sorted(wheelhouse_digests(version, machine, cache)):
+                data = (target / name).read_bytes()
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                tar.addfile(info, io.BytesIO(data))
+        os.replace(partial, archive)
+        return archive
+
+
 def build_wheelhouse(version: str, machine: str, cache: str) -> Path:
     """Wheels for Python `version` on `machine`, built once per source hash."""
     target = wheelhouse_path(version, machine, cache)
@@ -166,26 +202,22 @@ def build_wheelhouse(version: str, machine: str, cache: str) -> Path:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         platforms = [arg for tag in PLATFORMS for arg in ("--platform", f"{tag}_{machine}")]
-        steps = [
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--only-binary=:all:",
-                "--python-version",
-                version,
-                "--implementation",
-                "cp",
-                *platforms,
-                "-d",
-                str(work),
-                *REQUIREMENTS,
-            ],
+        download = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--only-binary=:all:",
+            "--python-version",
+            version,
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(work),
         ]
-        for cmd in steps:
-            _pip(cmd, version, machine)
+        _pip([*download, *REQUIREMENTS, INSTALLER], version, machine)
         build_core_wheel(work)
         # pip evaluates dependency markers (python_version < "3.11") for the running Python,
         # not the target: add what the target's markers ask for until nothing is missing.
@@ -193,7 +225,7 @@ def build_wheelhouse(version: str, machine: str, cache: str) -> Path:
             missing = _missing_marker_requirements(work, version, machine)
             if not missing:
                 break
-            _pip([*steps[0][: -len(REQUIREMENTS)], *missing], version, machine)
+            _pip([*download, *missing], version, machine)
         (work / ".complete").write_text("ok\n")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(work, target)

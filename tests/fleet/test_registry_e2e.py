@@ -162,6 +162,8 @@ def test_every_host_pulls_through_certs_d(
             "--username fleet --password-stdin"
         )
         assert core.rc == 0 and "Image sha256:" in core.stdout, (name, core.stderr)
+        # the venv was made without pip: the wheelhouse's pip wheel installed the core
+        assert not host.file("/opt/dockyard/venv/bin/pip").exists, name
         host.run(f"docker rmi -f {pushed}; docker logout {endpoint}; rm -rf /tmp/dy-e2e")
 
     with ThreadPoolExecutor(max_workers=len(hosts)) as pool:

@@ -1,0 +1,79 @@
+"""sync_wheelhouse with a built wheelhouse: one archive upload, unpacked beside the destination
+and swapped in, run for real here with sh and tar against a temporary destination."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import tarfile
+from pathlib import Path
+
+from dockyard_deploys import operations
+from dockyard_deploys import wheelhouse as wheels
+from tests.operations.fakes import FakeHost, FakeInventory, as_current
+
+
+def _fake_wheelhouse(cache: Path, files: dict[str, bytes]) -> Path:
+    target = wheels.wheelhouse_path("3.11", "x86_64", str(cache))
+    target.mkdir(parents=True)
+    for name, data in files.items():
+        (target / name).write_bytes(data)
+    (target / ".complete").write_text("ok\n")
+    return target
+
+
+def _commands(cache: Path, dest: Path, digests: dict[str, str]) -> tuple[list, FakeHost]:
+    fake = FakeHost({"FileDigests": {"__value__": digests}})
+    with as_current(fake, FakeInventory({}), True, False):
+        commands = list(
+            operations.sync_wheelhouse._inner(
+                version="3.11", machine="x86_64", cache=str(cache), dest=str(dest)
+            )
+        )
+    return commands, fake
+
+
+def _run(commands: list) -> None:
+    """The commands as a host runs them: shell commands with sh, the upload as a copy."""
+    for command in commands:
+        if type(command).__name__ == "FileUploadCommand":
+            Path(command.dest).write_bytes(Path(command.src).read_bytes())
+        else:
+            subprocess.run(["sh", "-c", command.get_raw_value()], check=True)
+
+
+def test_a_changed_wheelhouse_is_one_upload_swapped_in_whole(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    wanted = {"a-1-py3-none-any.whl": b"a", "pip-26-py3-none-any.whl": b"pip"}
+    _fake_wheelhouse(cache, wanted)
+    dest = tmp_path / "host" / "opt" / "wheelhouse"
+    dest.mkdir(parents=True)
+    (dest / "old-0-py3-none-any.whl").write_bytes(b"gone")
+    commands, _ = _commands(cache, dest, {"old-0-py3-none-any.whl": "x"})
+    uploads = [c for c in commands if type(c).__name__ == "FileUploadCommand"]
+    assert len(uploads) == 1  # one upload, whatever the number of wheels
+    with tarfile.open(uploads[0].src) as tar:
+        assert sorted(tar.getnames()) == sorted(wanted)
+        assert {m.uid for m in tar.getmembers()} == {0}
+    _run(commands)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == wanted
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["wheelhouse"]  # nothing left over
+    # the same wheelhouse makes the same archive, byte for byte
+    first = hashlib.sha256(Path(uploads[0].src).read_bytes()).hexdigest()
+    Path(uploads[0].src).unlink()
+    again = wheels.wheelhouse_archive("3.11", "x86_64", str(cache))
+    assert hashlib.sha256(again.read_bytes()).hexdigest() == first
+
+
+def test_a_first_sync_creates_the_parent_and_a_matching_one_is_left_alone(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    wanted = {"a-1-py3-none-any.whl": b"a"}
+    _fake_wheelhouse(cache, wanted)
+    dest = tmp_path / "host" / "opt" / "dockyard" / "wheelhouse"
+    commands, _ = _commands(cache, dest, {})
+    _run(commands)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == wanted
+    digests = {"a-1-py3-none-any.whl": hashlib.sha256(b"a").hexdigest()}
+    commands, fake = _commands(cache, dest, digests)
+    assert commands == []
+    assert any("holds the wheelhouse (1 files" in n for n in fake.noops)
