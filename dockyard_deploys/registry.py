@@ -46,14 +46,18 @@ IN_CONTAINER = {
 }
 
 
-def observability(reg: RegistrySettings, queue: Optional[str]) -> dict[str, Any]:
+def observability(
+    reg: RegistrySettings, queue: Optional[str], fleet_ca: Optional[str] = None
+) -> dict[str, Any]:
     """The template's metrics and notifications values: the debug listener's address, the
     endpoints as one JSON flow sequence (JSON is YAML; the values stay as the user gave them),
-    and the queues' directory (None: not rendered, as for a registry image that has none)."""
+    and the bundled core's extensions: the queues' directory and the fleet CA trusted for https
+    endpoints (None: not rendered, as for a registry image that has neither)."""
     return {
         "metrics_addr": reg.metrics_addr,
         "notifications": json.dumps(list(reg.notifications)) if reg.notifications else "",
         "notifications_queue": queue,
+        "notifications_cafile": fleet_ca if reg.notifications_fleet_ca else None,
     }
 
 
@@ -135,6 +139,7 @@ def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
     + registry_delete_enabled, registry_client_certs, registry_log_level
     + registry_metrics_addr: the debug listener (/metrics, /debug/health), loopback by default
     + registry_notifications: webhook endpoints (distribution's notifications.endpoints)
+    + registry_notifications_fleet_ca: trust the fleet CA for https endpoints (bundled core)
     + restart_on: operations (the certificate's) whose change restarts the registry
 
     Example:
@@ -212,7 +217,7 @@ def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
             htpasswd=htpasswd,
             realm=reg.realm,
             log_level=reg.log_level,
-            **observability(reg, NOTIFICATIONS_QUEUE_DIRECTORY),
+            **observability(reg, NOTIFICATIONS_QUEUE_DIRECTORY, f"{certs_dir}/ca.crt"),
         )
     )
     changed.append(
@@ -231,22 +236,25 @@ def configure_registry(restart_on: Optional[list[Any]] = None) -> None:
         )
     )
     systemd.daemon_reload(name="Reload systemd units", _if=changed[-1].did_change)
-    systemd.service(
+    # Started, or restarted when it runs already, when something it reads changed: a registry
+    # the first deploy starts is not restarted straight away.
+    restart = systemd.service(
+        name="(Re)start the registry because its configuration or certificate changed",
+        service="dockyard-registry.service",
+        running=True,
+        restarted=True,
+        _if=lambda: any(op.did_change() for op in changed + list(restart_on or [])),
+    )
+    keep = systemd.service(
         name="Keep the registry running and enabled",
         service="dockyard-registry.service",
         running=True,
         enabled=True,
     )
-    restart = systemd.service(
-        name="Restart the registry because its configuration or certificate changed",
-        service="dockyard-registry.service",
-        restarted=True,
-        _if=lambda: any(op.did_change() for op in changed + list(restart_on or [])),
-    )
     server.shell(
         name=f"Wait until the registry answers /v2/ over TLS on port {port}",
         commands=[_wait_command(reg, certs_dir)],
-        _if=restart.did_change,
+        _if=lambda: restart.did_change() or keep.did_change(),
     )
 
 

@@ -503,6 +503,8 @@ class RegistrySettings:
     metrics_addr: str = "127.0.0.1:5001"
     # Webhook endpoints for events (distribution's notifications.endpoints entries, as dicts).
     notifications: tuple[dict[str, Any], ...] = ()
+    # The bundled core trusts the fleet CA (beside the system's CAs) for https endpoints.
+    notifications_fleet_ca: bool = True
 
     @classmethod
     def from_data(cls, data: Any) -> RegistrySettings:
@@ -534,6 +536,9 @@ class RegistrySettings:
             port=port,
             metrics_addr=metrics_addr,
             notifications=_notification_endpoints(d.raw("registry_notifications", [])),
+            notifications_fleet_ca=d.flag(
+                "registry_notifications_fleet_ca", base.notifications_fleet_ca
+            ),
         )
 
 

@@ -45,8 +45,8 @@ def lab_gateway() -> str:
 
 def _close_the_loop(groups: dict[str, list[tuple[str, dict[str, Any]]]]) -> None:
     """The lab's staging group, and the registry host's notification endpoint (the control
-    machine's receiver) with the fleet CA in its OS trust store (the registry verifies the
-    receiver's certificate, issued from the fleet CA, with the system's CAs)."""
+    machine's receiver; the registry verifies its certificate, issued from the fleet CA, with the
+    fleet CA: `registry_notifications_fleet_ca`, on by default)."""
     special = {name for group in ("storage", "registry") for name, _ in groups.get(group, [])}
     containers = [
         (name, data)
@@ -62,7 +62,6 @@ def _close_the_loop(groups: dict[str, list[tuple[str, dict[str, Any]]]]) -> None
     if not gateway:
         return
     for _, data in groups.get("registry", [])[:1]:
-        data["registry_trust_os_store"] = True
         data["registry_notifications"] = [
             {
                 "name": "lab-receiver",

@@ -1,8 +1,8 @@
 """The registry's config.yml as the deploy renders it for `registry_metrics_addr` and
 `registry_notifications`, from JSON specs (specs/registry_config.json): host data → the keys of
-the rendered YAML, for the bundled core (with the queues' directory) and for a registry image
-(without it); every rendering is then read by the core's own configuration parser. Invalid
-data is refused naming the key, the value and what is valid."""
+the rendered YAML, for the bundled core (with the queues' directory and the fleet CA for https
+endpoints) and for a registry image (without them); every rendering is then read by the core's
+own configuration parser. Invalid data is refused naming the key, the value and what is valid."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ from dockyard_deploys.settings import RegistrySettings, SettingsError
 SPECS = json.loads((Path(__file__).parent / "specs" / "registry_config.json").read_text())
 
 
-def render(reg: RegistrySettings, queue: Optional[str]) -> str:
+FLEET_CA = "/etc/dockyard/registry/certs/ca.crt"
+
+
+def render(reg: RegistrySettings, queue: Optional[str], fleet_ca: Optional[str]) -> str:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined
     )
@@ -34,7 +37,7 @@ def render(reg: RegistrySettings, queue: Optional[str]) -> str:
         htpasswd=None,
         realm=reg.realm,
         log_level=reg.log_level,
-        **observability(reg, queue),
+        **observability(reg, queue, fleet_ca),
     )
 
 
@@ -59,11 +62,11 @@ def test_registry_config_spec(case: dict[str, Any]) -> None:
     in_container = {
         k: v for k, v in case["config"].items() if not any(k.startswith(c) for c in container)
     }
-    for queue, expected in (
-        (NOTIFICATIONS_QUEUE_DIRECTORY, case["config"]),
-        (None, {**in_container, **container}),
+    for queue, fleet_ca, expected in (
+        (NOTIFICATIONS_QUEUE_DIRECTORY, FLEET_CA, case["config"]),
+        (None, None, {**in_container, **container}),
     ):
-        text = render(reg, queue)
+        text = render(reg, queue, fleet_ca)
         doc = yaml.safe_load(text)
         for key, value in expected.items():
             assert lookup(doc, key) == value, (key, text)
@@ -77,3 +80,4 @@ def test_registry_config_spec(case: dict[str, Any]) -> None:
         ]
         if queue:
             assert config.notifications.queue_directory == queue
+        assert config.notifications.cafile == lookup(doc, "notifications.dockyard.cafile")
