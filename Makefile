@@ -39,7 +39,7 @@ unit: venv
 	$(BIN)/pytest -q -m 'not packaging' tests/unit tests/operations
 
 test: venv engine lint
-	$(BIN)/pytest -q -ra --durations=30 tests
+	bash scripts/test.sh
 
 bench: venv engine
 	$(BIN)/python benchmarks/deploy.py
