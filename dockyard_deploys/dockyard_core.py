@@ -31,8 +31,10 @@ def install_command(prefix: str) -> str:
     and reinstalls the core and its dependencies from the wheelhouse."""
     wheels = shlex.quote(f"{prefix}/wheelhouse")
     python = shlex.quote(f"{prefix}/venv/bin/python")
+    missing = shlex.quote(f"dockyard: no pip wheel in {prefix}/wheelhouse (push it again)")
     return (
-        f'set -- {wheels}/pip-*.whl && test -f "$1" && '
+        f"set -- {wheels}/pip-*.whl; "
+        f'if ! test -f "$1"; then echo {missing} >&2; exit 1; fi; '
         f'{python} "$1/pip" install --quiet --disable-pip-version-check --no-index '
         f"--find-links {wheels} --force-reinstall dockyard"
     )

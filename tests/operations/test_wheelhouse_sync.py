@@ -77,3 +77,29 @@ def test_a_first_sync_creates_the_parent_and_a_matching_one_is_left_alone(tmp_pa
     commands, fake = _commands(cache, dest, digests)
     assert commands == []
     assert any("holds the wheelhouse (1 files" in n for n in fake.noops)
+
+
+def test_the_install_runs_pip_from_the_wheelhouse_wheel_or_says_what_is_missing(
+    tmp_path: Path,
+) -> None:
+    from dockyard_deploys.dockyard_core import install_command
+
+    prefix = tmp_path / "opt"
+    (prefix / "wheelhouse").mkdir(parents=True)
+    (prefix / "venv" / "bin").mkdir(parents=True)
+    missing = subprocess.run(
+        ["sh", "-c", install_command(str(prefix))], capture_output=True, text=True, check=False
+    )
+    assert missing.returncode == 1
+    assert f"no pip wheel in {prefix}/wheelhouse" in missing.stderr
+    # with a wheel there, the venv's python runs pip from inside it (a stand-in records argv)
+    (prefix / "wheelhouse" / "pip-26.3-py3-none-any.whl").write_bytes(b"")
+    python = prefix / "venv" / "bin" / "python"
+    python.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$(dirname "$0")/argv"\n')
+    python.chmod(0o755)
+    ran = subprocess.run(["sh", "-c", install_command(str(prefix))], check=False)
+    assert ran.returncode == 0
+    argv = (prefix / "venv" / "bin" / "argv").read_text().split("\n")
+    assert argv[0] == f"{prefix}/wheelhouse/pip-26.3-py3-none-any.whl/pip"
+    assert argv[1:4] == ["install", "--quiet", "--disable-pip-version-check"]
+    assert "--no-index" in argv and argv[-2] == "dockyard"
