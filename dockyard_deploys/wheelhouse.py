@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -179,7 +180,9 @@ def wheelhouse_archive(version: str, machine: str, cache: str) -> Path:
     with _BUILD_LOCK:
         if archive.exists():
             return archive
-        partial = archive.with_name(archive.name + ".partial")
+        # a name of its own: another run on this control machine may be writing one too
+        fd, partial = tempfile.mkstemp(prefix=f".{archive.name}.", dir=archive.parent)
+        os.close(fd)
         with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
             for name in sorted(wheelhouse_digests(version, machine, cache)):
                 data = (target / name).read_bytes()
@@ -227,6 +230,10 @@ def build_wheelhouse(version: str, machine: str, cache: str) -> Path:
                 break
             _pip([*download, *missing], version, machine)
         (work / ".complete").write_text("ok\n")
+        # an archive of an earlier build of this source hash would hold other wheels (a newer
+        # dependency release since): hosts would never match the digests
+        wheelhouse_archive_path(version, machine, cache).unlink(missing_ok=True)
+        _DIGESTS.pop(str(target), None)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(work, target)
         return target

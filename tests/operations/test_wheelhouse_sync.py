@@ -4,9 +4,12 @@ and swapped in, run for real here with sh and tar against a temporary destinatio
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import tarfile
+import zipfile
 from pathlib import Path
+from typing import Any
 
 from dockyard_deploys import operations
 from dockyard_deploys import wheelhouse as wheels
@@ -103,3 +106,27 @@ def test_the_install_runs_pip_from_the_wheelhouse_wheel_or_says_what_is_missing(
     assert argv[0] == f"{prefix}/wheelhouse/pip-26.3-py3-none-any.whl/pip"
     assert argv[1:4] == ["install", "--quiet", "--disable-pip-version-check"]
     assert "--no-index" in argv and argv[-2] == "dockyard"
+
+
+def test_a_rebuilt_wheelhouse_gets_a_new_archive(tmp_path: Path, monkeypatch: Any) -> None:
+    """The wheelhouse of one source hash built again (its directory removed, a dependency
+    released since): the archive hosts get is made from the new build, not the cached one."""
+    releases = iter(["1.0", "1.1"])
+
+    def fake_pip(cmd: list[str], version: str, machine: str) -> None:
+        dest = Path(cmd[cmd.index("-d") + 1])
+        release = next(releases)
+        with zipfile.ZipFile(dest / f"dep-{release}-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"dep-{release}.dist-info/METADATA", f"Name: dep\nVersion: {release}\n")
+
+    monkeypatch.setattr(wheels, "_pip", fake_pip)
+    cache = str(tmp_path / "cache")
+    target = wheels.build_wheelhouse("3.11", "x86_64", cache)
+    with tarfile.open(wheels.wheelhouse_archive("3.11", "x86_64", cache)) as tar:
+        assert "dep-1.0-py3-none-any.whl" in tar.getnames()
+    shutil.rmtree(target)
+    wheels.build_wheelhouse("3.11", "x86_64", cache)
+    with tarfile.open(wheels.wheelhouse_archive("3.11", "x86_64", cache)) as tar:
+        names = tar.getnames()
+    assert "dep-1.1-py3-none-any.whl" in names and "dep-1.0-py3-none-any.whl" not in names
+    assert sorted(names) == sorted(wheels.wheelhouse_digests("3.11", "x86_64", cache))
