@@ -9,10 +9,12 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 log=$(mktemp /tmp/dockyard-test-beside.XXXXXX)
 
-nice -n 15 "$BIN/pytest" -q -ra --durations=15 tests/unit tests/operations tests/integration \
-  >"$log" 2>&1 &
+# A session of its own, so an interrupted run stops the whole background job: pytest and the
+# registries and clients its tests started (killing only pytest left them running).
+setsid nice -n 15 "$BIN/pytest" -q -ra --durations=15 tests/unit tests/operations \
+  tests/integration >"$log" 2>&1 &
 beside=$!
-trap 'kill "$beside" 2>/dev/null; rm -f "$log"' EXIT
+trap 'kill -TERM -- -"$beside" 2>/dev/null; rm -f "$log"' EXIT
 
 "$BIN/pytest" -q -ra --durations=30 tests/fleet
 fleet=$?
